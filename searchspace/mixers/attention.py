@@ -1,0 +1,307 @@
+"""Token mixers that compute token-to-token attention weights.
+
+* ``attention`` - full multi-head self-attention (CAFormer; also EfficientMod's attention blocks).
+* ``strip_attention`` - S2AFormer-style strip self-attention: spatially reduced keys/values, channel-compressed
+  queries/keys.
+* ``gpsa`` - ConViT's gated positional self-attention, initialised to behave like a convolution.
+
+All take and return ``(B, C, H, W)``. Head counts and head widths are read from the weight shapes in the forward,
+so structured pruning of the projections leaves them runnable; what a pruner has to pass is written in each
+class's docstring under "Pruning".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_mixer
+
+
+def head_layout(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0) -> tuple[int, int]:
+    """``(num_heads, head_dim)`` for ``dim`` channels.
+
+    ``num_heads=0`` derives the head count as ``max(dim // head_dim, 1)`` (CAFormer: head width 32);
+    ``head_dim=0`` derives the width as ``dim // num_heads``; the width is then raised to ``min_head_dim``.
+    EfficientMod's attention is ``num_heads=8, head_dim=0, min_head_dim=32`` (width ``max(dim // 8, 32)``).
+
+    >>> head_layout(320), head_layout(64, num_heads=8, head_dim=0, min_head_dim=32)
+    ((10, 32), (8, 32))
+    """
+    if head_dim < 0 or num_heads < 0 or min_head_dim < 0:
+        raise ValueError(f"head_dim, num_heads and min_head_dim must be >= 0, got {head_dim}, {num_heads}, "
+                         f"{min_head_dim}")
+    if num_heads == 0 and head_dim == 0:
+        raise ValueError("give head_dim or num_heads (both are 0)")
+    heads = num_heads or max(dim // head_dim, 1)
+    width = max(head_dim or dim // heads, min_head_dim, 1)
+    return heads, width
+
+
+def _heads_for_width(width: int, head_dim: int) -> int:
+    """Heads of (about) ``head_dim`` channels in ``width``: the most that divide it evenly."""
+    heads = max(width // head_dim, 1)
+    while width % heads:
+        heads -= 1
+    return heads
+
+
+def _to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, H, W)`` -> ``(B, N, C)`` as a view (no copy); ``nn.Linear`` reads the transposed layout directly."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _from_tokens(t: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``(B, N, C)`` -> ``(B, C, H, W)`` as a view: the result is channels-last in memory, which every op accepts."""
+    return t.transpose(1, 2).unflatten(2, (height, width))
+
+
+# --------------------------------------------------------------------------------------------- full attention
+
+
+@register_mixer(
+    "attention",
+    description="full multi-head self-attention, head width 32, no positional encoding (CAFormer)",
+    reference="Vaswani et al. 2017; CAFormer in Yu et al., MetaFormer Baselines for Vision (arXiv 2210.13452)",
+    attention=True,
+)
+class Attention(nn.Module):
+    """Multi-head self-attention over all ``H*W`` tokens, as in CAFormer (MetaFormer Baselines, arXiv 2210.13452).
+
+    Same parameters, names and output as timm's ``metaformer.Attention(dim)`` (``qkv`` and ``proj`` linear layers,
+    no biases by default). EfficientMod's attention (Ma et al., ICLR 2024) is
+    ``Attention(dim, num_heads=8, head_dim=0, min_head_dim=32, proj_bias=True)``; its attention width
+    ``heads * head_dim`` may differ from ``dim``.
+
+    The head width ``head_dim`` is what the forward keeps; the head count is read from ``qkv``'s output width.
+
+    Pruning (torch-pruning): pass ``num_heads={mixer.qkv: mixer.num_heads}``. Whole heads may then be removed
+    (``prune_num_heads=True, prune_head_dims=False``) with nothing else to do. If head *widths* are pruned
+    (torch-pruning's default ``prune_head_dims=True``) set ``mixer.head_dim = mixer.qkv.out_features //
+    (3 * pruner.num_heads[mixer.qkv])`` afterwards, or the forward regroups the channels into heads of the old
+    width. Without ``num_heads`` torch-pruning treats ``qkv``'s output as plain channels; the result still runs.
+
+    >>> mixer = Attention(64)
+    >>> mixer(torch.randn(2, 64, 5, 3)).shape, mixer.num_heads
+    (torch.Size([2, 64, 5, 3]), 2)
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0,
+                 qkv_bias: bool = False, proj_bias: bool = False):
+        super().__init__()
+        heads, self.head_dim = head_layout(dim, head_dim, num_heads, min_head_dim)
+        self.qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(heads * self.head_dim, dim, bias=proj_bias)
+
+    @property
+    def num_heads(self) -> int:
+        return _heads_for_width(self.qkv.out_features // 3, self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        qkv = self.qkv(_to_tokens(x))
+        width = qkv.shape[-1] // 3
+        heads = _heads_for_width(width, self.head_dim)
+        q, k, v = qkv.reshape(b, h * w, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).reshape(b, h * w, width)
+        return _from_tokens(self.proj(out), h, w)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}"
+
+
+# -------------------------------------------------------------------------------------------- strip attention
+
+
+@register_mixer(
+    "strip_attention",
+    description="S2AFormer-style strip self-attention: strided depthwise-reduced keys/values, "
+                "channel-compressed queries/keys",
+    reference="Xu et al., S2AFormer: Strip Self-Attention for Efficient Vision Transformer (arXiv 2505.22195); "
+              "S2AFormer-style, unverified details",
+    attention=True,
+)
+class StripAttention(nn.Module):
+    """S2AFormer-style strip self-attention (Xu et al., arXiv 2505.22195). Unverified details, see below.
+
+    What the paper states: keys and values are spatially reduced by a strided depthwise convolution, queries and
+    keys are compressed in channels by 1x1 convolutions to ``c'`` (much smaller than ``C``), values keep their
+    width, and the output is projected back to ``C``. No public code exists; these choices are ours:
+
+    * reduction: depthwise ``sr_ratio x sr_ratio`` conv with stride ``sr_ratio`` (with bias), after zero-padding
+      the bottom/right edge up to a multiple of ``sr_ratio``, so ``ceil(H/sr) x ceil(W/sr)`` keys (at least one,
+      even at 1x1); ``sr_ratio=1`` skips it. No norm after the reduction.
+    * ``c' = qk_dim``, or ``round(qk_ratio * C)`` when ``qk_dim=0``, rounded up to a multiple of ``num_heads``.
+    * one head by default; with ``num_heads > 1`` queries/keys and values are split into that many heads.
+    * 1x1 convs without bias for q, k, v; the output projection has a bias.
+
+    Pruning (torch-pruning): the head count is stored, the widths are read from the weights. ``q`` and ``k`` must
+    keep the same output channels (their dot product couples them) and are best left out:
+    ``ignored_layers=[mixer.q, mixer.k]`` (``v``/``proj`` and the reduction conv prune like ordinary convs).
+    With ``num_heads > 1`` also pass ``num_heads={mixer.v: mixer.num_heads}``.
+
+    >>> StripAttention(64, sr_ratio=4)(torch.randn(2, 64, 1, 1)).shape
+    torch.Size([2, 64, 1, 1])
+    """
+
+    def __init__(self, dim: int, sr_ratio: int = 2, qk_ratio: float = 0.25, qk_dim: int = 0, num_heads: int = 1,
+                 qkv_bias: bool = False, proj_bias: bool = True):
+        super().__init__()
+        if sr_ratio < 1 or num_heads < 1 or qk_dim < 0 or qk_ratio <= 0:
+            raise ValueError(f"need sr_ratio >= 1, num_heads >= 1, qk_dim >= 0 and qk_ratio > 0; got {sr_ratio}, "
+                             f"{num_heads}, {qk_dim}, {qk_ratio}")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        qk = qk_dim or max(round(qk_ratio * dim), 1)
+        qk = -(-qk // num_heads) * num_heads
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = nn.Conv2d(dim, qk, 1, bias=qkv_bias)
+        self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, groups=dim) if sr_ratio > 1 else nn.Identity()
+        self.k = nn.Conv2d(dim, qk, 1, bias=qkv_bias)
+        self.v = nn.Conv2d(dim, dim, 1, bias=qkv_bias)
+        self.proj = nn.Conv2d(dim, dim, 1, bias=proj_bias)
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B, c, h, w)`` -> ``(B, heads, h*w, c // heads)``."""
+        b, c, h, w = t.shape
+        return t.view(b, self.num_heads, c // self.num_heads, h * w).transpose(-1, -2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        reduced = x
+        s = self.sr_ratio
+        if s > 1:
+            pad_h, pad_w = -h % s, -w % s
+            if pad_h or pad_w:
+                reduced = F.pad(reduced, (0, pad_w, 0, pad_h))
+            reduced = self.sr(reduced)
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(reduced)), self._heads(self.v(reduced))
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C_v // heads)
+        out = out.transpose(-1, -2).reshape(b, -1, h, w)
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return f"sr_ratio={self.sr_ratio}, num_heads={self.num_heads}"
+
+
+# ----------------------------------------------------------------------------------------------------- GPSA
+
+
+def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``(N, N, 3)`` features ``(dx, dy, dx^2 + dy^2)`` from query token ``i`` to key token ``j`` (row-major grid).
+
+    ``dx`` is the column offset of the key minus that of the query, ``dy`` the row offset (ConViT's convention).
+
+    >>> relative_offsets(1, 2)[0, 1].tolist()
+    [1.0, 0.0, 1.0]
+    """
+    rows = torch.arange(height, device=device, dtype=dtype).repeat_interleave(width)
+    cols = torch.arange(width, device=device, dtype=dtype).repeat(height)
+    dx = cols.unsqueeze(0) - cols.unsqueeze(1)
+    dy = rows.unsqueeze(0) - rows.unsqueeze(1)
+    return torch.stack((dx, dy, dx * dx + dy * dy), dim=-1)
+
+
+def conv_offsets(num_heads: int) -> list[tuple[int, int]]:
+    """One ``(dx, dy)`` offset per head: the ``num_heads`` grid points nearest the centre (a 3x3 kernel for 9).
+
+    >>> conv_offsets(5)
+    [(0, 0), (1, 0), (0, 1), (-1, 0), (0, -1)]
+    """
+    r = math.isqrt(num_heads) + 1
+    grid = [(dx, dy) for dx in range(-r, r + 1) for dy in range(-r, r + 1)]
+    grid.sort(key=lambda o: (o[0] ** 2 + o[1] ** 2, math.atan2(o[1], o[0]) % (2 * math.pi)))
+    return grid[:num_heads]
+
+
+@register_mixer(
+    "gpsa",
+    description="gated positional self-attention, initialised as a convolution (ConViT)",
+    reference="d'Ascoli et al., ConViT: Improving Vision Transformers with Soft Convolutional Inductive Biases "
+              "(ICML 2021, arXiv 2103.10697)",
+    attention=True,
+)
+class GPSA(nn.Module):
+    """ConViT's gated positional self-attention (d'Ascoli et al., ICML 2021, arXiv 2103.10697).
+
+    Per head ``attn = (1 - sigmoid(l)) * softmax(q k^T / sqrt(d)) + sigmoid(l) * softmax(pos)``, where ``pos`` is a
+    learned per-head linear map (``pos_proj``) of the relative offsets ``(dx, dy, dx^2 + dy^2)`` between tokens and
+    ``l`` is the per-head ``gating_param``. Both softmaxes have rows summing to one and the gates sum to one, so the
+    mixture is already row-normalised (ConViT's explicit renormalisation is a no-op and is left out); the content
+    part runs through ``scaled_dot_product_attention`` as ``(1 - g) * sdpa(q, k, v) + g * softmax(pos) @ v``.
+
+    Offsets are rebuilt from ``(H, W)`` in the forward with tensor ops, so any size and ``torch.export`` work.
+    Like ConViT, ``qk``/``v`` have no bias, ``proj`` and ``pos_proj`` have one, and ``gating_param`` starts at 1.
+
+    Local init (``local_init=True``, ConViT's): ``v`` is the identity and head ``i`` attends to the offset
+    ``conv_offsets(heads)[i]`` with logits ``-locality_strength * |offset - centre_i|^2``, so at initialisation
+    the layer is a convolution with one tap per head. ConViT uses a ``floor(sqrt(heads))`` square grid and leaves
+    extra heads random; here every head gets the next-nearest offset. :meth:`init_weights` re-applies it (e.g.
+    after a model-wide re-initialisation).
+
+    Pruning (torch-pruning): the head count is ``gating_param``'s length, the head widths are read from ``qk`` and
+    ``v``. Keep the heads and prune head widths: pass ``num_heads={mixer.qk: h, mixer.v: h}`` with the default
+    ``prune_num_heads=False`` and keep ``pos_proj`` out (``ignored_layers=[mixer.pos_proj]``); ``qk`` must keep
+    the query and key halves aligned, which ``num_heads`` gives it.
+
+    >>> mixer = GPSA(64)
+    >>> mixer(torch.randn(2, 64, 5, 3)).shape, mixer.num_heads
+    (torch.Size([2, 64, 5, 3]), 2)
+    """
+
+    def __init__(self, dim: int, head_dim: int = 32, num_heads: int = 0, qkv_bias: bool = False,
+                 proj_bias: bool = True, locality_strength: float = 1.0, local_init: bool = True):
+        super().__init__()
+        heads, hd = head_layout(dim, head_dim, num_heads)
+        self.locality_strength = float(locality_strength)
+        self.local_init = bool(local_init)
+        self.qk = nn.Linear(dim, 2 * heads * hd, bias=qkv_bias)
+        self.v = nn.Linear(dim, heads * hd, bias=qkv_bias)
+        self.proj = nn.Linear(heads * hd, dim, bias=proj_bias)
+        self.pos_proj = nn.Linear(3, heads)
+        self.gating_param = nn.Parameter(torch.ones(heads))
+        self.init_weights()
+
+    @property
+    def num_heads(self) -> int:
+        return self.gating_param.shape[0]
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """ConViT's initialisation: truncated-normal linears, zero biases, then the local (convolution-like) init."""
+        for m in (self.qk, self.v, self.proj, self.pos_proj):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        self.gating_param.fill_(1.0)
+        if not self.local_init:
+            return
+        n = min(self.v.out_features, self.v.in_features)
+        self.v.weight.zero_()
+        self.v.weight[:n, :n] = torch.eye(n)
+        offsets = torch.tensor(conv_offsets(self.num_heads), dtype=self.pos_proj.weight.dtype)
+        # -a * ((dx - cx)^2 + (dy - cy)^2) = a * (2 cx dx + 2 cy dy - (dx^2 + dy^2)) + const: a linear map of features
+        weight = torch.cat((2 * offsets, -torch.ones(len(offsets), 1)), dim=1)
+        self.pos_proj.weight.copy_(self.locality_strength * weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        n = h * w
+        heads = self.gating_param.shape[0]
+        t = _to_tokens(x)
+        q, k = self.qk(t).reshape(b, n, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        v = self.v(t).reshape(b, n, heads, -1).transpose(1, 2)  # (B, heads, N, d_v)
+        content = F.scaled_dot_product_attention(q, k, v)
+        positional = self.pos_proj(relative_offsets(h, w, x.device, x.dtype)).permute(2, 0, 1).softmax(dim=-1)
+        gate = torch.sigmoid(self.gating_param).view(1, heads, 1, 1)
+        out = torch.lerp(content, torch.matmul(positional, v), gate)
+        out = out.transpose(1, 2).reshape(b, n, -1)
+        return _from_tokens(self.proj(out), h, w)
+
+    def extra_repr(self) -> str:
+        return f"locality_strength={self.locality_strength}"

@@ -1,0 +1,177 @@
+"""The MetaFormer Baselines mixers: identity, pooling, separable convolution and frozen random mixing.
+
+Yu et al., "MetaFormer Baselines for Vision" (arXiv 2210.13452) and "MetaFormer Is Actually What You Need for
+Vision" (PoolFormer, arXiv 2111.11418). Parameter names follow timm's ``metaformer.py`` (``pool``, ``pwconv1``,
+``dwconv``, ...) so timm checkpoints load into our presets key for key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import make_act
+from . import register_mixer
+
+METAFORMER_V2 = "Yu et al., MetaFormer Baselines for Vision (arXiv 2210.13452)"
+
+
+def _check_odd_kernel(name: str, size: int) -> None:
+    if not isinstance(size, int) or size < 1 or size % 2 == 0:
+        raise ValueError(f"{name} must be a positive odd integer so the output keeps the input size, got {size!r}")
+
+
+@register_mixer(
+    "identity",
+    description="returns its input (IdentityFormer); no parameters",
+    reference=METAFORMER_V2,
+)
+class IdentityMixer(nn.Module):
+    """No token mixing at all: the IdentityFormer baseline of MetaFormer Baselines (arXiv 2210.13452).
+
+    >>> IdentityMixer(64)(torch.ones(1, 64, 5, 3)).shape
+    torch.Size([1, 64, 5, 3])
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+@register_mixer(
+    "pooling",
+    description="average pooling (padding not counted) minus the input (PoolFormer)",
+    reference="Yu et al., MetaFormer Is Actually What You Need for Vision (PoolFormer, arXiv 2111.11418)",
+)
+class Pooling(nn.Module):
+    """PoolFormer's mixer ``avgpool(x) - x`` (arXiv 2111.11418); same output as timm's ``metaformer.Pooling``.
+
+    The input is subtracted because the block adds it back through its residual connection.
+
+    >>> Pooling(64)(torch.ones(1, 64, 7, 7)).abs().max().item()
+    0.0
+    """
+
+    def __init__(self, dim: int, pool_size: int = 3):
+        super().__init__()
+        _check_odd_kernel("pool_size", pool_size)
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) - x
+
+
+@register_mixer(
+    "sepconv",
+    description="inverted separable conv: 1x1 to 2C, StarReLU, depthwise 7x7, 1x1 back (ConvFormer)",
+    reference=METAFORMER_V2,
+)
+class SepConv(nn.Module):
+    """ConvFormer's inverted separable convolution (MetaFormer Baselines, arXiv 2210.13452; MobileNetV2).
+
+    Pointwise ``C -> expansion*C``, activation, depthwise ``kernel_size`` conv, pointwise back to ``C``. With the
+    defaults it has exactly the parameters of timm's ``metaformer.SepConv(dim)`` under the same names.
+
+    >>> sum(p.numel() for p in SepConv(64).parameters())
+    22658
+    """
+
+    def __init__(self, dim: int, expansion: float = 2.0, kernel_size: int = 7, act: str = "starrelu",
+                 bias: bool = False):
+        super().__init__()
+        _check_odd_kernel("kernel_size", kernel_size)
+        hidden = int(expansion * dim)
+        self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=bias)
+        self.act1 = make_act(act)
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel_size, padding=kernel_size // 2, groups=hidden, bias=bias)
+        self.pwconv2 = nn.Conv2d(hidden, dim, 1, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pwconv2(self.dwconv(self.act1(self.pwconv1(x))))
+
+
+# ------------------------------------------------------------------------------------------------ random mixing
+
+_MASK32 = 0xFFFFFFFF
+_HASH_MUL = 0x45D9F3B  # below 2**27, so a 32-bit value times it stays inside int64 without overflow
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xor-shift-multiply); works on Python ints and on int64 tensors alike."""
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+    x = (((x >> 16) ^ x) * _HASH_MUL) & _MASK32
+    return (x >> 16) ^ x
+
+
+def random_mixing_matrix(height: int, width: int, seed: int = 0, device=None) -> torch.Tensor:
+    """The frozen ``(N, N)`` token-mixing matrix of RandFormer for an ``height x width`` grid, ``N = height*width``.
+
+    Each row is the softmax of uniform noise in [0, 1), as in the paper. The noise is a counter-based hash of
+    ``(seed, height, width, row, column)`` computed with plain tensor ops: the same arguments give the same matrix
+    on every device and in every process, without a random generator, so the mixer also traces under
+    ``torch.export``.
+
+    >>> m = random_mixing_matrix(3, 5, seed=1)
+    >>> m.shape, bool(torch.allclose(m.sum(-1), torch.ones(15)))
+    (torch.Size([15, 15]), True)
+    """
+    n = height * width
+    key = _mix32(_mix32(_mix32(seed & _MASK32) ^ (height & _MASK32)) ^ (width & _MASK32))
+    counter = torch.arange(n * n, device=device, dtype=torch.int64)
+    bits = _mix32(_mix32((counter + key) & _MASK32) ^ key)
+    noise = (bits >> 8).to(torch.float32) * (1.0 / (1 << 24))  # 24 random bits -> exact floats in [0, 1)
+    return noise.view(n, n).softmax(dim=-1)
+
+
+@register_mixer(
+    "random",
+    description="a frozen row-softmax random N x N token-mixing matrix, regenerated per input size (RandFormer)",
+    reference=METAFORMER_V2,
+)
+class RandomMixing(nn.Module):
+    """RandFormer's frozen random token mixing (MetaFormer Baselines, arXiv 2210.13452).
+
+    The paper stores one fixed ``N x N`` matrix for 224x224 inputs. Here the matrix is a deterministic function of
+    ``(seed, H, W)`` (:func:`random_mixing_matrix`), so any input size works. Matrices are cached per
+    ``(H, W, device, dtype)`` outside the parameters and the state dict; nothing here is trainable.
+    Under ``torch.export`` a cached matrix becomes a constant of the exported program; an uncached one is computed
+    in the graph.
+
+    >>> mixer = RandomMixing(64)
+    >>> x = torch.randn(2, 64, 5, 3)
+    >>> bool(torch.equal(mixer(x), RandomMixing(64)(x))), len(list(mixer.parameters()))
+    (True, 0)
+    """
+
+    def __init__(self, dim: int, seed: int = 0):
+        super().__init__()
+        self.seed = int(seed)
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def mixing_matrix(self, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+        """The ``(N, N)`` matrix applied as ``out[:, :, i] = sum_j M[i, j] * x[:, :, j]`` over flattened tokens."""
+        return self._transposed(height, width, torch.device(device or "cpu"), dtype).t()
+
+    def _transposed(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (height, width, device, dtype)
+        matrix = self._cache.get(key)
+        if matrix is None:
+            matrix = random_mixing_matrix(height, width, self.seed, device).t().contiguous().to(dtype)
+            if not torch.compiler.is_compiling():  # a traced (fake) tensor must never enter the cache
+                self._cache[key] = matrix
+        return matrix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, h, w = x.shape
+        return torch.matmul(x.flatten(2), self._transposed(h, w, x.device, x.dtype)).unflatten(2, (h, w))
+
+    def extra_repr(self) -> str:
+        return f"seed={self.seed}"
+
+    def __getstate__(self):  # the cache is derived data: keep it out of pickles and deep copies
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
