@@ -190,7 +190,7 @@ class Arch:
     act: str = "starrelu"  # default MLP activation
     mlp_bias: bool = False  # default bias of the MLP convolutions
     block: str = "metaformer"  # default block variant
-    head: str = "linear"  # linear | mlp (MetaFormer MLP head: ratio 4, SquaredReLU, LayerNorm)
+    head: str = "linear"  # linear | mlp (MetaFormer MLP head) | linear_distill (class + distillation heads)
     head_norm: str = "layernorm"  # norm of the pooled features
     head_norm_first: bool = False  # normalise the feature map before pooling (EfficientMod, CAS-ViT)
     head_dropout: float = 0.0  # dropout before the classifier

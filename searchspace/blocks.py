@@ -199,7 +199,30 @@ class LinearHead(nn.Sequential):
         self.fc = nn.Linear(dim, num_classes)
 
 
+class DistilledLinearHead(nn.Module):
+    """Two linear classifiers, a class head and a distillation head (DeiT), whose logits are averaged.
+
+    CAS-ViT is published with this head (its parameter counts include both); :meth:`forward_both` gives the two
+    logits apart for a distillation loss.
+    """
+
+    def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, num_classes)
+        self.fc_dist = nn.Linear(dim, num_classes)
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.drop(x)
+        return self.fc(x), self.fc_dist(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls, dist = self.forward_both(x)
+        return (cls + dist) / 2
+
+
 # factory(features, num_classes, dropout) -> classifier on pooled, normalised features
 HEADS.add("linear", LinearHead)
+HEADS.add("linear_distill", DistilledLinearHead)
 HEADS.add("mlp", MlpHead)
 

@@ -40,11 +40,10 @@ def _linear_shape(p: torch.Tensor) -> tuple[int, ...]:
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if preset_spec(n).published_params and not preset_spec(n).timm_name])
 def test_parameter_count_matches_publication(name):
-    published = preset_spec(name).published_params * 1e6
+    spec = preset_spec(name)
     ours = n_params(searchspace.build_model(name))
-    # publications round to 0.1M (or 0.01M); allow that rounding and nothing more
-    tolerance = 0.051e6 if published < 5e6 else 0.051e6 * max(1, published / 10e6)
-    assert abs(ours - published) <= tolerance, f"{name}: {ours / 1e6:.3f}M vs published {published / 1e6}M"
+    # publications round (to 0.1M, 0.01M, or 1M for HorNet): allow that rounding and nothing more
+    assert abs(ours / 1e6 - spec.published_params) <= spec.published_precision / 2, f"{name}: {ours / 1e6:.3f}M vs published {published / 1e6}M"
 
 
 @pytest.mark.parametrize("name", PRESETS)

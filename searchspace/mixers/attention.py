@@ -22,28 +22,27 @@ from . import register_mixer
 
 
 def head_layout(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0) -> tuple[int, int]:
-    """``(num_heads, head_dim)`` for ``dim`` channels.
+    """``(num_heads, head_width)`` for ``dim`` channels.
 
-    ``num_heads=0`` derives the head count as ``max(dim // head_dim, 1)`` (CAFormer: head width 32);
-    ``head_dim=0`` derives the width as ``dim // num_heads``; the width is then raised to ``min_head_dim``.
-    EfficientMod's attention is ``num_heads=8, head_dim=0, min_head_dim=32`` (width ``max(dim // 8, 32)``).
+    ``num_heads=0``: heads of ``head_dim`` channels, ``max(dim // head_dim, 1)`` of them (CAFormer, timm).
+    ``num_heads > 0``: that many heads sharing ``dim`` (``dim // num_heads`` each, ViT convention; ``head_dim`` is
+    not used). Either way the width is raised to at least ``min_head_dim``, so the attention width
+    ``heads * head_width`` may exceed ``dim``. EfficientMod: ``num_heads=8, min_head_dim=32``.
 
-    >>> head_layout(320), head_layout(64, num_heads=8, head_dim=0, min_head_dim=32)
-    ((10, 32), (8, 32))
+    >>> head_layout(320), head_layout(64, num_heads=8, min_head_dim=32), head_layout(288, num_heads=8)
+    ((10, 32), (8, 32), (8, 36))
     """
-    if head_dim < 0 or num_heads < 0 or min_head_dim < 0:
-        raise ValueError(f"head_dim, num_heads and min_head_dim must be >= 0, got {head_dim}, {num_heads}, "
+    if head_dim < 1 or num_heads < 0 or min_head_dim < 0:
+        raise ValueError(f"need head_dim >= 1, num_heads >= 0 and min_head_dim >= 0; got {head_dim}, {num_heads}, "
                          f"{min_head_dim}")
-    if num_heads == 0 and head_dim == 0:
-        raise ValueError("give head_dim or num_heads (both are 0)")
-    heads = num_heads or max(dim // head_dim, 1)
-    width = max(head_dim or dim // heads, min_head_dim, 1)
-    return heads, width
+    if num_heads:
+        return num_heads, max(dim // num_heads, min_head_dim, 1)
+    return max(dim // head_dim, 1), max(head_dim, min_head_dim)
 
 
-def _heads_for_width(width: int, head_dim: int) -> int:
-    """Heads of (about) ``head_dim`` channels in ``width``: the most that divide it evenly."""
-    heads = max(width // head_dim, 1)
+def _heads_dividing(width: int, heads: int) -> int:
+    """``heads``, or the largest smaller count that splits ``width`` evenly (after unstructured width pruning)."""
+    heads = max(min(heads, width), 1)
     while width % heads:
         heads -= 1
     return heads
@@ -73,16 +72,16 @@ class Attention(nn.Module):
 
     Same parameters, names and output as timm's ``metaformer.Attention(dim)`` (``qkv`` and ``proj`` linear layers,
     no biases by default). EfficientMod's attention (Ma et al., ICLR 2024) is
-    ``Attention(dim, num_heads=8, head_dim=0, min_head_dim=32, proj_bias=True)``; its attention width
-    ``heads * head_dim`` may differ from ``dim``.
+    ``Attention(dim, num_heads=8, min_head_dim=32, proj_bias=True)``: 8 heads of ``max(dim // 8, 32)`` channels,
+    so the attention width may differ from ``dim`` (see :func:`head_layout`).
 
-    The head width ``head_dim`` is what the forward keeps; the head count is read from ``qkv``'s output width.
+    The forward keeps the head count ``num_heads`` and reads the head width from ``qkv``'s output width.
 
-    Pruning (torch-pruning): pass ``num_heads={mixer.qkv: mixer.num_heads}``. Whole heads may then be removed
-    (``prune_num_heads=True, prune_head_dims=False``) with nothing else to do. If head *widths* are pruned
-    (torch-pruning's default ``prune_head_dims=True``) set ``mixer.head_dim = mixer.qkv.out_features //
-    (3 * pruner.num_heads[mixer.qkv])`` afterwards, or the forward regroups the channels into heads of the old
-    width. Without ``num_heads`` torch-pruning treats ``qkv``'s output as plain channels; the result still runs.
+    Pruning (torch-pruning): pass ``num_heads={mixer.qkv: mixer.num_heads}`` (:meth:`pruning_hints`). Pruning head
+    widths (torch-pruning's default, ``prune_head_dims=True``) needs nothing else. After removing whole heads
+    (``prune_num_heads=True``) set ``mixer.num_heads = pruner.num_heads[mixer.qkv]``, as for timm's attention.
+    Without ``num_heads`` torch-pruning treats ``qkv``'s output as plain channels: the result runs (the heads are
+    regrouped) but no longer computes the same attention.
 
     >>> mixer = Attention(64)
     >>> mixer(torch.randn(2, 64, 5, 3)).shape, mixer.num_heads
@@ -92,26 +91,30 @@ class Attention(nn.Module):
     def __init__(self, dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0,
                  qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
-        heads, self.head_dim = head_layout(dim, head_dim, num_heads, min_head_dim)
-        self.qkv = nn.Linear(dim, 3 * heads * self.head_dim, bias=qkv_bias)
-        self.proj = nn.Linear(heads * self.head_dim, dim, bias=proj_bias)
+        self.num_heads, hd = head_layout(dim, head_dim, num_heads, min_head_dim)
+        self.qkv = nn.Linear(dim, 3 * self.num_heads * hd, bias=qkv_bias)
+        self.proj = nn.Linear(self.num_heads * hd, dim, bias=proj_bias)
 
     @property
-    def num_heads(self) -> int:
-        return _heads_for_width(self.qkv.out_features // 3, self.head_dim)
+    def head_dim(self) -> int:
+        return self.qkv.out_features // (3 * self.num_heads)
+
+    def pruning_hints(self) -> dict:
+        """Keyword arguments torch-pruning's ``MetaPruner`` needs for this module (merge them across modules)."""
+        return {"num_heads": {self.qkv: self.num_heads}}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
         qkv = self.qkv(_to_tokens(x))
         width = qkv.shape[-1] // 3
-        heads = _heads_for_width(width, self.head_dim)
+        heads = _heads_dividing(width, self.num_heads)
         q, k, v = qkv.reshape(b, h * w, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).reshape(b, h * w, width)
         return _from_tokens(self.proj(out), h, w)
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}"
+        return f"num_heads={self.num_heads}"
 
 
 # -------------------------------------------------------------------------------------------- strip attention
@@ -139,10 +142,10 @@ class StripAttention(nn.Module):
     * one head by default; with ``num_heads > 1`` queries/keys and values are split into that many heads.
     * 1x1 convs without bias for q, k, v; the output projection has a bias.
 
-    Pruning (torch-pruning): the head count is stored, the widths are read from the weights. ``q`` and ``k`` must
-    keep the same output channels (their dot product couples them) and are best left out:
-    ``ignored_layers=[mixer.q, mixer.k]`` (``v``/``proj`` and the reduction conv prune like ordinary convs).
-    With ``num_heads > 1`` also pass ``num_heads={mixer.v: mixer.num_heads}``.
+    Pruning (torch-pruning): pass ``ignored_layers=[mixer.q, mixer.k]`` (:meth:`pruning_hints`). torch-pruning
+    treats ``scaled_dot_product_attention`` as elementwise and would align the ``c'`` query/key channels with the
+    ``C`` value channels, which fails; with ``q``/``k`` ignored the mixer's input and output channels prune and
+    the inner widths stay. The head count is stored; widths are read from the weights.
 
     >>> StripAttention(64, sr_ratio=4)(torch.randn(2, 64, 1, 1)).shape
     torch.Size([2, 64, 1, 1])
@@ -165,6 +168,10 @@ class StripAttention(nn.Module):
         self.k = nn.Conv2d(dim, qk, 1, bias=qkv_bias)
         self.v = nn.Conv2d(dim, dim, 1, bias=qkv_bias)
         self.proj = nn.Conv2d(dim, dim, 1, bias=proj_bias)
+
+    def pruning_hints(self) -> dict:
+        """Keyword arguments torch-pruning's ``MetaPruner`` needs for this module (merge them across modules)."""
+        return {"ignored_layers": [self.q, self.k]}
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         """``(B, c, h, w)`` -> ``(B, heads, h*w, c // heads)``."""
@@ -236,18 +243,20 @@ class GPSA(nn.Module):
     part runs through ``scaled_dot_product_attention`` as ``(1 - g) * sdpa(q, k, v) + g * softmax(pos) @ v``.
 
     Offsets are rebuilt from ``(H, W)`` in the forward with tensor ops, so any size and ``torch.export`` work.
-    Like ConViT, ``qk``/``v`` have no bias, ``proj`` and ``pos_proj`` have one, and ``gating_param`` starts at 1.
+    Like ConViT, ``qk``/``v`` have no bias, ``proj`` has one and ``gating_param`` starts at 1; unlike ConViT,
+    ``pos_proj`` has no bias (it adds the same constant to a whole softmax row, so it would never get a gradient).
 
-    Local init (``local_init=True``, ConViT's): ``v`` is the identity and head ``i`` attends to the offset
-    ``conv_offsets(heads)[i]`` with logits ``-locality_strength * |offset - centre_i|^2``, so at initialisation
-    the layer is a convolution with one tap per head. ConViT uses a ``floor(sqrt(heads))`` square grid and leaves
+    Local init (``local_init=True``, ConViT's): ``v`` is the identity and head ``i`` has positional logits
+    ``-locality_strength * |(dx, dy) - c_i|^2`` (up to a constant per row) with ``c_i = conv_offsets(heads)[i]``,
+    so it attends mostly to the token at offset ``c_i``: at initialisation the layer acts like a convolution with
+    one tap per head. ConViT uses a ``floor(sqrt(heads))`` square grid and leaves
     extra heads random; here every head gets the next-nearest offset. :meth:`init_weights` re-applies it (e.g.
     after a model-wide re-initialisation).
 
-    Pruning (torch-pruning): the head count is ``gating_param``'s length, the head widths are read from ``qk`` and
-    ``v``. Keep the heads and prune head widths: pass ``num_heads={mixer.qk: h, mixer.v: h}`` with the default
-    ``prune_num_heads=False`` and keep ``pos_proj`` out (``ignored_layers=[mixer.pos_proj]``); ``qk`` must keep
-    the query and key halves aligned, which ``num_heads`` gives it.
+    Pruning (torch-pruning): nothing to pass. The mixer's input and output channels prune; torch-pruning leaves
+    ``qk``/``v`` whole because their group contains ``gating_param`` (one entry per head). The head count is
+    ``gating_param``'s length and the head widths are read from ``qk`` and ``v``, so a pruner that shrinks head
+    widths (equally in both halves of ``qk`` and in ``v``) keeps it runnable; removing whole heads is not supported.
 
     >>> mixer = GPSA(64)
     >>> mixer(torch.randn(2, 64, 5, 3)).shape, mixer.num_heads
@@ -263,13 +272,17 @@ class GPSA(nn.Module):
         self.qk = nn.Linear(dim, 2 * heads * hd, bias=qkv_bias)
         self.v = nn.Linear(dim, heads * hd, bias=qkv_bias)
         self.proj = nn.Linear(heads * hd, dim, bias=proj_bias)
-        self.pos_proj = nn.Linear(3, heads)
+        self.pos_proj = nn.Linear(3, heads, bias=False)  # a bias would shift whole softmax rows: dead
         self.gating_param = nn.Parameter(torch.ones(heads))
         self.init_weights()
 
     @property
     def num_heads(self) -> int:
         return self.gating_param.shape[0]
+
+    def pruning_hints(self) -> dict:
+        """Keyword arguments torch-pruning's ``MetaPruner`` needs for this module: none."""
+        return {}
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -297,7 +310,10 @@ class GPSA(nn.Module):
         q, k = self.qk(t).reshape(b, n, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         v = self.v(t).reshape(b, n, heads, -1).transpose(1, 2)  # (B, heads, N, d_v)
         content = F.scaled_dot_product_attention(q, k, v)
-        positional = self.pos_proj(relative_offsets(h, w, x.device, x.dtype)).permute(2, 0, 1).softmax(dim=-1)
+        # (heads, 3) @ (3, N*N): logits land in (heads, N, N) order, contiguous for the softmax. The weight is used
+        # directly rather than through pos_proj's forward so that torch-pruning does not tie heads to channels.
+        rel = relative_offsets(h, w, x.device, x.dtype).view(n * n, 3).t()
+        positional = torch.matmul(self.pos_proj.weight, rel).view(heads, n, n).softmax(dim=-1)
         gate = torch.sigmoid(self.gating_param).view(1, heads, 1, 1)
         out = torch.lerp(content, torch.matmul(positional, v), gate)
         out = out.transpose(1, 2).reshape(b, n, -1)

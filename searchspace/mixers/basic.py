@@ -8,7 +8,6 @@ Vision" (PoolFormer, arXiv 2111.11418). Parameter names follow timm's ``metaform
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import make_act

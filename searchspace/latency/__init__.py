@@ -1,0 +1,59 @@
+"""Latency you can trust: measurement on this machine's device, parameter/MAC counts, and budgets.
+
+>>> from searchspace.latency import InputSpec, measure_latency, parse_budget
+>>> budget_ms = parse_budget("5ms")
+>>> result = measure_latency("PoolFormerV2-S12", InputSpec(height=64, width=64), threads=1)  # doctest: +SKIP
+>>> result.value_ms <= budget_ms, str(result)  # doctest: +SKIP
+(False, '13.8 ms (spread 2.5% over 5 rounds of 15 runs) on Intel(R) Xeon(R) Processor [cpu], 1 thread, ...')
+"""
+
+from .budget import ACCEPTED_FORMS, BudgetError, format_ms, parse_budget
+from .counting import COUNTER_NAME, Counts, count_macs, count_params, count_params_macs
+from .measure import (
+    DEFAULT_INPUT,
+    InputSpec,
+    LatencyContext,
+    LatencyResult,
+    MeasurementError,
+    Summary,
+    calibrate_runs,
+    cpu_timer,
+    cuda_timer,
+    device_name,
+    measure_latency,
+    measure_many,
+    relative_spread,
+    resolve_device,
+    robust_latency,
+    run_rounds,
+    summarize,
+)
+
+__all__ = [
+    "ACCEPTED_FORMS",
+    "COUNTER_NAME",
+    "DEFAULT_INPUT",
+    "BudgetError",
+    "Counts",
+    "InputSpec",
+    "LatencyContext",
+    "LatencyResult",
+    "MeasurementError",
+    "Summary",
+    "calibrate_runs",
+    "count_macs",
+    "count_params",
+    "count_params_macs",
+    "cpu_timer",
+    "cuda_timer",
+    "device_name",
+    "format_ms",
+    "measure_latency",
+    "measure_many",
+    "parse_budget",
+    "relative_spread",
+    "resolve_device",
+    "robust_latency",
+    "run_rounds",
+    "summarize",
+]
