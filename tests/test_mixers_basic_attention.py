@@ -157,7 +157,7 @@ def test_conv_offsets_cover_a_kernel():
 def test_gpsa_positional_attention_starts_convolutional():
     mixer = GPSA(9 * 4, head_dim=4)  # 9 heads: one per tap of a 3x3 kernel
     h, w = 5, 6
-    logits = (relative_offsets(h, w) @ mixer.pos_proj.weight.t()).permute(2, 0, 1)
+    logits = (relative_offsets(h, w) @ mixer.pos_weight.t()).permute(2, 0, 1)
     centre = 2 * w + 3  # an interior query token
     for head, (dx, dy) in enumerate(conv_offsets(9)):
         key = logits[head, centre].argmax().item()
@@ -187,7 +187,7 @@ def test_gpsa_init_weights_restores_local_init():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight)
     mixer.init_weights()
-    assert torch.equal(mixer.pos_proj.weight, reference["pos_proj.weight"])
+    assert torch.equal(mixer.pos_weight, reference["pos_weight"])
     assert torch.equal(mixer.v.weight, reference["v.weight"])
 
 

@@ -123,4 +123,4 @@ def unregister_mixer(name: str) -> None:
 
 
 # Built-in mixers register themselves on import.
-from . import basic, attention, modulation, additive  # noqa: E402,F401
+from . import additive, attention, basic, modulation  # noqa: E402,F401

@@ -214,6 +214,9 @@ def relative_offsets(height: int, width: int, device=None, dtype=torch.float32) 
     return torch.stack((dx, dy, dx * dx + dy * dy), dim=-1)
 
 
+_LOGIT_FLOOR = 50.0  # positional logits are clamped to (row max - this): exp(-50) ~ 2e-22, far from subnormal
+
+
 def conv_offsets(num_heads: int) -> list[tuple[int, int]]:
     """One ``(dx, dy)`` offset per head: the ``num_heads`` grid points nearest the centre (a 3x3 kernel for 9).
 
@@ -237,14 +240,17 @@ class GPSA(nn.Module):
     """ConViT's gated positional self-attention (d'Ascoli et al., ICML 2021, arXiv 2103.10697).
 
     Per head ``attn = (1 - sigmoid(l)) * softmax(q k^T / sqrt(d)) + sigmoid(l) * softmax(pos)``, where ``pos`` is a
-    learned per-head linear map (``pos_proj``) of the relative offsets ``(dx, dy, dx^2 + dy^2)`` between tokens and
-    ``l`` is the per-head ``gating_param``. Both softmaxes have rows summing to one and the gates sum to one, so the
-    mixture is already row-normalised (ConViT's explicit renormalisation is a no-op and is left out); the content
-    part runs through ``scaled_dot_product_attention`` as ``(1 - g) * sdpa(q, k, v) + g * softmax(pos) @ v``.
+    learned per-head linear map (``pos_weight``, heads x 3) of the relative offsets ``(dx, dy, dx^2 + dy^2)``
+    between tokens and ``l`` is the per-head ``gating_param``. Both softmaxes have rows summing to one and the
+    gates sum to one, so the mixture is already row-normalised (ConViT's explicit renormalisation is a no-op and
+    is left out). The content part runs through ``scaled_dot_product_attention``:
+    ``out = (1 - g) * sdpa(q, k, v) + g * softmax(pos) @ v``.
 
     Offsets are rebuilt from ``(H, W)`` in the forward with tensor ops, so any size and ``torch.export`` work.
-    Like ConViT, ``qk``/``v`` have no bias, ``proj`` has one and ``gating_param`` starts at 1; unlike ConViT,
-    ``pos_proj`` has no bias (it adds the same constant to a whole softmax row, so it would never get a gradient).
+    Like ConViT, ``qk``/``v`` have no bias, ``proj`` has one and ``gating_param`` starts at 1. Unlike ConViT, the
+    positional map has no bias (it would add one constant to a whole softmax row and never get a gradient) and is a
+    plain parameter rather than an ``nn.Linear``, so model-wide initialisers of linear layers leave the local init
+    alone and torch-pruning does not take its head dimension for channels.
 
     Local init (``local_init=True``, ConViT's): ``v`` is the identity and head ``i`` has positional logits
     ``-locality_strength * |(dx, dy) - c_i|^2`` (up to a constant per row) with ``c_i = conv_offsets(heads)[i]``,
@@ -272,8 +278,9 @@ class GPSA(nn.Module):
         self.qk = nn.Linear(dim, 2 * heads * hd, bias=qkv_bias)
         self.v = nn.Linear(dim, heads * hd, bias=qkv_bias)
         self.proj = nn.Linear(heads * hd, dim, bias=proj_bias)
-        self.pos_proj = nn.Linear(3, heads, bias=False)  # a bias would shift whole softmax rows: dead
+        self.pos_weight = nn.Parameter(torch.zeros(heads, 3))
         self.gating_param = nn.Parameter(torch.ones(heads))
+        self._offset_cache: dict[tuple, torch.Tensor] = {}
         self.init_weights()
 
     @property
@@ -287,20 +294,21 @@ class GPSA(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """ConViT's initialisation: truncated-normal linears, zero biases, then the local (convolution-like) init."""
-        for m in (self.qk, self.v, self.proj, self.pos_proj):
+        for m in (self.qk, self.v, self.proj):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_weight, std=0.02)
         self.gating_param.fill_(1.0)
         if not self.local_init:
             return
         n = min(self.v.out_features, self.v.in_features)
         self.v.weight.zero_()
         self.v.weight[:n, :n] = torch.eye(n)
-        offsets = torch.tensor(conv_offsets(self.num_heads), dtype=self.pos_proj.weight.dtype)
+        offsets = torch.tensor(conv_offsets(self.num_heads), dtype=self.pos_weight.dtype)
         # -a * ((dx - cx)^2 + (dy - cy)^2) = a * (2 cx dx + 2 cy dy - (dx^2 + dy^2)) + const: a linear map of features
         weight = torch.cat((2 * offsets, -torch.ones(len(offsets), 1)), dim=1)
-        self.pos_proj.weight.copy_(self.locality_strength * weight)
+        self.pos_weight.copy_(self.locality_strength * weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -310,14 +318,31 @@ class GPSA(nn.Module):
         q, k = self.qk(t).reshape(b, n, 2, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
         v = self.v(t).reshape(b, n, heads, -1).transpose(1, 2)  # (B, heads, N, d_v)
         content = F.scaled_dot_product_attention(q, k, v)
-        # (heads, 3) @ (3, N*N): logits land in (heads, N, N) order, contiguous for the softmax. The weight is used
-        # directly rather than through pos_proj's forward so that torch-pruning does not tie heads to channels.
-        rel = relative_offsets(h, w, x.device, x.dtype).view(n * n, 3).t()
-        positional = torch.matmul(self.pos_proj.weight, rel).view(heads, n, n).softmax(dim=-1)
+        # (heads, 3) @ (3, N*N): the logits land in (heads, N, N) order, contiguous for the softmax
+        logits = torch.matmul(self.pos_weight, self._offsets(h, w, x.device, x.dtype)).view(heads, n, n)
+        # Far tokens get logits hundreds below the row maximum; their exp() would be subnormal floats, which make
+        # the softmax and the matmul below several times slower on x86 CPUs. Their weight is ~0 either way.
+        logits = torch.maximum(logits, logits.detach().amax(dim=-1, keepdim=True) - _LOGIT_FLOOR)
+        positional = logits.softmax(dim=-1)
         gate = torch.sigmoid(self.gating_param).view(1, heads, 1, 1)
         out = torch.lerp(content, torch.matmul(positional, v), gate)
         out = out.transpose(1, 2).reshape(b, n, -1)
         return _from_tokens(self.proj(out), h, w)
+
+    def _offsets(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``relative_offsets`` as a ``(3, N*N)`` matrix, cached per size outside the state dict (not when traced)."""
+        key = (height, width, device, dtype)
+        rel = self._offset_cache.get(key)
+        if rel is None:
+            rel = relative_offsets(height, width, device, dtype).view(-1, 3).t().contiguous()
+            if not torch.compiler.is_compiling():
+                self._offset_cache[key] = rel
+        return rel
+
+    def __getstate__(self):  # the cache is derived data: keep it out of pickles and deep copies
+        state = self.__dict__.copy()
+        state["_offset_cache"] = {}
+        return state
 
     def extra_repr(self) -> str:
         return f"locality_strength={self.locality_strength}"

@@ -1,0 +1,295 @@
+"""The search: from a configuration to a results folder (see :mod:`searchspace.nas.results`)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..arch import Arch
+from ..errors import MixerNASError
+from ..latency import InputSpec, format_ms, measure_many
+from ..space import ChoiceSpace, get_space
+from . import plots
+from .candidate import CandidateRunner, Outcome, arch_model
+from .config import SearchConfig, load_saved_config
+from .results import environment, load_model, save_model, write_csv, write_json
+
+FINALISTS = 5  # best candidates re-measured side by side before the winner is chosen
+
+
+class NoArchitectureFits(MixerNASError):
+    """The budget is below every candidate's measured latency; the message suggests a budget that can be met."""
+
+
+@dataclass
+class SearchResult:
+    """What :func:`search` returns; every field is also in the results folder."""
+
+    out_dir: Path
+    config: SearchConfig
+    best: dict[str, Any] | None  # as in best.json; None when nothing fits or the search was interrupted early
+    trials: list[dict[str, Any]] = field(default_factory=list)
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def arch(self) -> Arch | None:
+        return None if self.best is None else Arch.from_dict(self.best["arch"])
+
+    def load_model(self) -> torch.nn.Module:
+        return load_model(self.out_dir)
+
+
+def search(latency_budget: str | float = "5ms", **options: Any) -> SearchResult:
+    """Find the most accurate architecture whose measured latency fits ``latency_budget``.
+
+    ``latency_budget`` is a string such as ``"5ms"`` or ``"500us"``, or a number of milliseconds; ``options`` are
+    the fields of :class:`SearchConfig` (``space``, ``data``, ``trials``, ``timeout_s``, ``out``, ...)::
+
+        result = searchspace.search("5ms", trials=20, out="runs/demo")
+        result.best["accuracy"], result.best["latency_ms"]
+        model = result.load_model()
+    """
+    from ..latency import parse_budget
+
+    budget_ms = parse_budget(latency_budget) if isinstance(latency_budget, str) else float(latency_budget)
+    progress = options.pop("progress", False)
+    return run(SearchConfig(budget_ms=budget_ms, **options), progress=progress)
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MixerNASError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise MixerNASError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    return name
+
+
+def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None] | None = None) -> SearchResult:
+    """Run (or resume) the search described by ``config``; see :func:`search`."""
+    echo = echo or (lambda msg: print(msg, file=sys.stderr))
+    out = config.out_dir
+    saved = load_saved_config(out)
+    if saved is not None:
+        config.check_resumable(saved.get("search", {}))
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"search": config.to_dict(), "environment": environment()})
+
+    device = resolve_device(config.device)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    from ..data import load_data
+
+    data = load_data(config.data, input_size=config.input_size, seed=config.seed)
+    spec = InputSpec(batch=config.batch_size, channels=data.in_chans, height=data.input_size,
+                     width=data.input_size)
+    space = get_space(config.space)
+    echo(f"MixerNAS: searching space {space.name!r} for the most accurate model within "
+         f"{format_ms(config.budget_ms)} on {device} at {data.input_size}x{data.input_size}, batch "
+         f"{config.batch_size}; data: {data.description}; results in {out}")
+
+    predictor = _latency_table(space, spec, device, config.threads, progress, echo)
+    evaluator = make_evaluator(config, device)
+    runner = CandidateRunner(budget_ms=config.budget_ms, predictor=predictor, evaluator=evaluator, data=data,
+                             input_spec=spec, device=device, threads=config.threads)
+
+    if config.backend == "optuna":
+        from .optuna_backend import run_study
+    elif config.backend == "ray":
+        from .ray_backend import run_study  # noqa: F811
+    else:
+        from .nni_backend import run_study  # noqa: F811
+    rows, interrupted = run_study(config, space, runner, progress=progress, echo=echo)
+    write_csv(out / "trials.csv", rows)
+
+    metric = "accuracy" if config.evaluator == "train" else "score"
+    result = SearchResult(out_dir=out, config=config, best=None, trials=rows, interrupted=interrupted)
+    if interrupted:
+        echo(f"interrupted: {len(rows)} finished trials are in {out / 'trials.csv'}; run the same command to resume")
+        _write_report(result, metric)
+        return result
+
+    winner = _choose_winner(rows, runner, metric, config.budget_ms, echo)
+    if winner is None:
+        _write_report(result, metric)
+        _plots(result, metric)
+        raise NoArchitectureFits(_nothing_fits_message(rows, config))
+
+    result.baselines = _baselines(config, runner, out, metric, echo) if config.baselines else []
+    result.best = _final(config, winner, data, device, spec, out, metric, echo)
+    write_json(out / "best.json", result.best)
+    if config.objective == "pareto":
+        write_csv(out / "pareto.csv", pareto_front(rows, metric, config.budget_ms))
+    _plots(result, metric)
+    _write_report(result, metric)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- pieces
+
+
+def make_evaluator(config: SearchConfig, device: str):
+    from ..evaluators import TrainEvaluator, ZeroCostEvaluator
+
+    if config.evaluator == "train":
+        kwargs = {"epochs": config.epochs} if config.epochs else {}
+        return TrainEvaluator(seed=config.seed, device=device, threads=config.threads, **kwargs)
+    return ZeroCostEvaluator(seed=config.seed)
+
+
+def _latency_table(space, spec: InputSpec, device: str, threads: int | None, progress: bool, echo):
+    from ..latency.table import LatencyTable
+
+    table = LatencyTable.open(device=device, input_spec=spec, threads=threads)
+    if isinstance(space, ChoiceSpace):
+        start = time.perf_counter()
+        measured = table.build_for_space(space, progress=progress)
+        if measured:
+            echo(f"latency table: measured {measured} blocks in {time.perf_counter() - start:.0f} s "
+                 f"(cached for the next search on this device)")
+    return table
+
+
+def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float, echo) -> dict[str, Any] | None:
+    """Re-measure the best few candidates side by side; the winner is the best whose latency still fits."""
+    ok = [r for r in rows if r["state"] == "complete" and r.get(metric) is not None
+          and r.get("measured_ms") is not None and r["measured_ms"] <= budget_ms]
+    ok.sort(key=lambda r: (-r[metric], r["measured_ms"]))
+    finalists = ok[:FINALISTS]
+    if not finalists:
+        return None
+    archs = [Arch.from_json(r["arch"]) for r in finalists]
+    models = [arch_model(a, runner.data) for a in archs]
+    results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads, rounds=7)
+    for r, m in zip(finalists, results):
+        r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context
+        echo(f"finalist trial {r['trial']}: {metric} {r[metric]:.4f}, re-measured {format_ms(m.value_ms)} "
+             f"(spread {m.spread:.1%})")
+    fitting = [r for r in finalists if r["final_ms"] <= budget_ms]
+    return fitting[0] if fitting else None
+
+
+def _nothing_fits_message(rows, config: SearchConfig) -> str:
+    lat = sorted((r.get("measured_ms") or r.get("predicted_ms"), r["trial"]) for r in rows
+                 if (r.get("measured_ms") or r.get("predicted_ms")) is not None)
+    if not lat:
+        return (f"no trial finished, so nothing is known to fit {format_ms(config.budget_ms)}; "
+                f"see {config.out_dir / 'trials.csv'} for the errors")
+    closest = ", ".join(f"trial {t} at {format_ms(ms)}" for ms, t in lat[:3])
+    suggestion = _round_up(lat[0][0] * 1.2)
+    return (f"no architecture fits {format_ms(config.budget_ms)} on this device; the fastest candidates were "
+            f"{closest}; try --latency-budget {suggestion}")
+
+
+def _round_up(ms: float) -> str:
+    if ms < 1:
+        return f"{math.ceil(ms * 100) * 10}us"
+    digits = 10 ** max(0, math.floor(math.log10(ms)) - 1)
+    return f"{math.ceil(ms / digits) * digits:g}ms"
+
+
+def _baselines(config: SearchConfig, runner: CandidateRunner, out: Path, metric: str, echo) -> list[dict]:
+    """Presets that fit the budget at this input, evaluated exactly like the trials (cached for resumes)."""
+    from ..presets import list_presets, preset
+
+    path = out / "baselines.json"
+    cache: dict[str, dict] = {}
+    if path.exists():
+        import json
+
+        cache = {b["name"]: b for b in json.loads(path.read_text())}
+    rows = []
+    for name in list_presets():
+        if name in cache:
+            rows.append(cache[name])
+            continue
+        arch = preset(name)
+        try:
+            outcome = runner.run(arch)
+        except MixerNASError as exc:
+            outcome = Outcome(arch=arch, state="failed", error=str(exc))
+        row = {"name": name, "state": outcome.state, "accuracy": outcome.accuracy, "score": outcome.score,
+               "predicted_ms": outcome.predicted_ms, "measured_ms": outcome.measured_ms, "params": outcome.params,
+               "macs": outcome.macs}
+        if outcome.state == "complete":
+            echo(f"baseline {name}: {metric} {row[metric]:.4f} at {format_ms(outcome.measured_ms)}")
+        rows.append(row)
+        write_json(path, rows)
+    return rows
+
+
+def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpec, out: Path, metric: str,
+           echo) -> dict[str, Any]:
+    """Train the winner longer, save it, and describe it in best.json."""
+    from ..evaluators import TrainEvaluator
+
+    arch = Arch.from_json(winner["arch"])
+    base_epochs = config.epochs or TrainEvaluator().epochs
+    epochs = config.final_epochs or 4 * base_epochs
+    echo(f"training the winner (trial {winner['trial']}) for {epochs} epochs")
+    trainer = TrainEvaluator(epochs=epochs, seed=config.seed, device=device, threads=config.threads)
+    model, ev = trainer.fit(arch, data)
+    ctx = winner["context"]
+    best = {
+        "arch": arch.to_dict(),
+        "summary": arch.summary(),
+        "trial": winner["trial"],
+        "accuracy": ev.accuracy,
+        "search_" + metric: winner[metric],
+        "latency_ms": winner["final_ms"],
+        "latency_spread": winner["final_spread"],
+        "budget_ms": config.budget_ms,
+        "fits": winner["final_ms"] <= config.budget_ms,
+        "input_size": data.input_size,
+        "batch_size": config.batch_size,
+        "device": device,
+        "device_name": ctx.device_name,
+        "threads": ctx.threads,
+        "dtype": ctx.dtype,
+        "params": winner.get("params"),
+        "macs": winner.get("macs"),
+        "final_epochs": epochs,
+        "data": data.description,
+        "num_classes": data.num_classes,
+        "in_chans": data.in_chans,
+        "environment": environment(),
+    }
+    save_model(out / "best", model.cpu(), arch, num_classes=data.num_classes, in_chans=data.in_chans,
+               extra={"accuracy": ev.accuracy, "latency_ms": winner["final_ms"]})
+    return best
+
+
+def pareto_front(rows, metric: str, budget_ms: float) -> list[dict[str, Any]]:
+    """Complete trials not dominated in (higher metric, lower measured latency)."""
+    pts = [r for r in rows if r["state"] == "complete" and r.get(metric) is not None and r.get("measured_ms")]
+    pts.sort(key=lambda r: (r["measured_ms"], -r[metric]))
+    front, best = [], -math.inf
+    for r in pts:
+        if r[metric] > best:
+            front.append(r)
+            best = r[metric]
+    return front
+
+
+def _plots(result: SearchResult, metric: str) -> None:
+    cfg = result.config
+    front = pareto_front(result.trials, metric, cfg.budget_ms) if cfg.objective == "pareto" else None
+    plots.accuracy_vs_latency(result.out_dir / "accuracy_vs_latency.png", result.trials, budget_ms=cfg.budget_ms,
+                              metric=metric, best=result.best, baselines=result.baselines, front=front)
+    plots.history(result.out_dir / "history.png", result.trials, metric=metric, budget_ms=cfg.budget_ms)
+
+
+def _write_report(result: SearchResult, metric: str) -> None:
+    from .._io import atomic_write_text
+    from .report import render_report
+
+    atomic_write_text(result.out_dir / "report.md", render_report(result, metric))

@@ -1,0 +1,75 @@
+"""report.md: the search told in a page."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ..latency import format_ms
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def render_report(result, metric: str) -> str:
+    cfg, rows, best = result.config, result.trials, result.best
+    states = Counter(r["state"] for r in rows)
+    lines = [
+        "# MixerNAS search report",
+        "",
+        f"- budget: **{format_ms(cfg.budget_ms)}** measured latency, batch {cfg.batch_size}, device {cfg.device}",
+        f"- space: `{cfg.space}`; evaluator: {cfg.evaluator}; objective: {cfg.objective}; backend: {cfg.backend}",
+        f"- trials: {len(rows)} finished (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")",
+        "",
+        "States: *screened* = predicted by the latency table to be over budget, not built; *infeasible* = measured "
+        "over budget, not trained; *pruned* = stopped early by the pruner; *failed* = an error (see trials.csv).",
+        "",
+    ]
+    if result.interrupted:
+        lines += ["**The search was interrupted**; run the same command again to resume it.", ""]
+    if best is not None:
+        lines += [
+            "## Winner",
+            "",
+            f"`{best['summary']}`",
+            "",
+            f"- validation accuracy after {best['final_epochs']} epochs: **{best['accuracy']:.4f}** "
+            f"(during the search: {_fmt(best.get('search_' + metric))} {metric})",
+            f"- measured latency: **{format_ms(best['latency_ms'])}** (spread {best['latency_spread']:.1%}) on "
+            f"{best['device_name']}, {best['threads']} thread(s), input {best['input_size']}x{best['input_size']}, "
+            f"batch {best['batch_size']}, {best['dtype']}",
+            f"- parameters: {_fmt(best.get('params'))}; MACs: {_fmt(best.get('macs'))} (torch FlopCounterMode)",
+            "- files: `best.json`, `best/arch.json`, `best/model.safetensors` "
+            "(`searchspace.load_model(folder)` rebuilds it)",
+            "",
+        ]
+    fitting = [b for b in result.baselines if b["state"] == "complete"]
+    if result.baselines:
+        lines += ["## Presets at this input (same evaluator)", "",
+                  f"| preset | state | {metric} | measured latency | params |", "|---|---|---|---|---|"]
+        for b in sorted(result.baselines, key=lambda b: (b["state"] != "complete", -(b.get(metric) or 0))):
+            lat = format_ms(b["measured_ms"]) if b.get("measured_ms") else (
+                f"~{format_ms(b['predicted_ms'])} predicted" if b.get("predicted_ms") else "-")
+            lines.append(f"| {b['name']} | {b['state']} | {_fmt(b.get(metric))} | {lat} | {_fmt(b.get('params'))} |")
+        if not fitting:
+            lines += ["", "No preset fits the budget at this input."]
+        lines.append("")
+    top = sorted((r for r in rows if r["state"] == "complete" and r.get(metric) is not None),
+                 key=lambda r: -r[metric])[:10]
+    if top:
+        lines += ["## Best trials", "", f"| trial | {metric} | measured latency | params | architecture |",
+                  "|---|---|---|---|---|"]
+        for r in top:
+            from ..arch import Arch
+
+            lat = format_ms(r["measured_ms"]) if r.get("measured_ms") else "-"
+            lines.append(f"| {r['trial']} | {_fmt(r[metric])} | {lat} | {_fmt(r.get('params'))} | "
+                         f"`{Arch.from_json(r['arch']).summary()}` |")
+        lines.append("")
+    lines += ["![accuracy vs latency](accuracy_vs_latency.png)", "", "![history](history.png)", ""]
+    return "\n".join(lines)
