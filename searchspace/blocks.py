@@ -166,7 +166,8 @@ STEMS.add("patch4", lambda cin, cout, arch: ConvNorm(cin, cout, 4, 4, 0, arch.em
 STEMS.add("conv3x2", lambda cin, cout, arch: ConvStem(cin, cout, arch.embed_norm, arch.norm_eps))
 
 # factory(in_width, out_width, arch) -> module halving the resolution
-DOWNSAMPLES.add("norm_conv3", lambda cin, cout, arch: ConvNorm(cin, cout, 3, 2, 1, arch.embed_norm, arch.norm_eps, True))
+DOWNSAMPLES.add("norm_conv3", lambda cin, cout, arch: ConvNorm(cin, cout, 3, 2, 1, arch.embed_norm, arch.norm_eps,
+                                                               True))
 DOWNSAMPLES.add("conv3_norm", lambda cin, cout, arch: ConvNorm(cin, cout, 3, 2, 1, arch.embed_norm, arch.norm_eps,
                                                                False))
 DOWNSAMPLES.add("norm_conv2", lambda cin, cout, arch: ConvNorm(cin, cout, 2, 2, 0, arch.embed_norm, arch.norm_eps,

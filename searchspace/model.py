@@ -65,6 +65,9 @@ class MetaFormerNet(nn.Module):
         self.head_norm = make_norm(arch.head_norm, self.num_features, arch.norm_eps)
         self.head = self._make_head(num_classes)
         self.apply(_init_weights)
+        for m in self.modules():  # mixers with an initialisation of their own (e.g. ConViT's local init)
+            if m is not self and hasattr(m, "init_weights"):
+                m.init_weights()
 
     def _make_head(self, num_classes: int) -> nn.Module:
         if num_classes == 0:

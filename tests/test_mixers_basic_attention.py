@@ -97,6 +97,30 @@ def test_efficientmod_attention_layout(dim):
     assert mixer(torch.randn(1, dim, 3, 4)).shape == (1, dim, 3, 4)
 
 
+@pytest.mark.parametrize("name, dim, args", [
+    ("attention", 48, {}),  # heads of 32 do not tile 48 (timm would fail in the forward)
+    ("gpsa", 48, {}),
+    ("gpsa", 64, {"num_heads": 3}),
+    ("strip_attention", 64, {"num_heads": 3}),
+    ("strip_attention", 64, {"sr_ratio": 0}),
+    ("pooling", 64, {"pool_size": 2}),
+    ("sepconv", 64, {"kernel_size": 4}),
+    ("sepconv", 64, {"act": "nope"}),
+])
+def test_unusable_arguments_are_rejected_by_check_and_constructor(name, dim, args):
+    factory = get_mixer(name).factory
+    assert factory.check(dim, **args)
+    with pytest.raises(ValueError):
+        factory(dim, **args)
+
+
+def test_check_accepts_what_presets_use():
+    for dim in (128, 144, 288, 312):  # EfficientMod widths with 8 heads
+        assert get_mixer("attention").factory.check(dim, num_heads=8, min_head_dim=32) is None
+    assert get_mixer("attention").factory.check(320) is None
+    assert get_mixer("strip_attention").factory.check(64, sr_ratio=4) is None
+
+
 def test_head_layout_rules():
     assert head_layout(320) == (10, 32)
     assert head_layout(16) == (1, 32)  # at least one head

@@ -38,12 +38,14 @@ def _linear_shape(p: torch.Tensor) -> tuple[int, ...]:
     return shape[:2] if len(shape) == 4 and shape[2:] == (1, 1) else shape
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if preset_spec(n).published_params and not preset_spec(n).timm_name])
+@pytest.mark.parametrize("name", [n for n in PRESETS
+                                  if preset_spec(n).published_params and not preset_spec(n).timm_name])
 def test_parameter_count_matches_publication(name):
     spec = preset_spec(name)
     ours = n_params(searchspace.build_model(name))
     # publications round (to 0.1M, 0.01M, or 1M for HorNet): allow that rounding and nothing more
-    assert abs(ours / 1e6 - spec.published_params) <= spec.published_precision / 2, f"{name}: {ours / 1e6:.3f}M vs published {published / 1e6}M"
+    assert abs(ours / 1e6 - spec.published_params) <= spec.published_precision / 2, \
+        f"{name}: {ours / 1e6:.3f}M vs published {spec.published_params}M"
 
 
 @pytest.mark.parametrize("name", PRESETS)

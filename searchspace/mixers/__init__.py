@@ -122,5 +122,11 @@ def unregister_mixer(name: str) -> None:
     MIXERS.remove(name)
 
 
-# Built-in mixers register themselves on import.
-from . import additive, attention, basic, modulation  # noqa: E402,F401
+def _register_builtins() -> None:
+    import importlib
+
+    for module in ("basic", "attention", "modulation", "additive"):  # each registers its mixers on import
+        importlib.import_module(f"{__name__}.{module}")
+
+
+_register_builtins()

@@ -36,6 +36,10 @@ class SpatialGate(nn.Module):
         bound = dim**-0.5  # the default init of the C->1 conv it replaces
         self.score = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))
 
+    def pruning_hints(self) -> dict:
+        """``score`` is pruned along its only dimension, with the channels it weighs."""
+        return {"unwrapped_parameters": [(self.score, 0)]}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.act(self.norm(self.dwconv(x)))
         return x * torch.sigmoid((h * self.score.view(1, -1, 1, 1)).sum(dim=1, keepdim=True))

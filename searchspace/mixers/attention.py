@@ -5,9 +5,10 @@
   queries/keys.
 * ``gpsa`` - ConViT's gated positional self-attention, initialised to behave like a convolution.
 
-All take and return ``(B, C, H, W)``. Head counts and head widths are read from the weight shapes in the forward,
-so structured pruning of the projections leaves them runnable; what a pruner has to pass is written in each
-class's docstring under "Pruning".
+All take and return ``(B, C, H, W)``. Each keeps a fixed head count (an attribute, or the length of a per-head
+parameter) and reads channel counts and head widths from the input and the weight shapes in the forward, so
+structured pruning of the projections leaves them runnable. What torch-pruning needs for each is in its docstring
+under "Pruning" and returned by its ``pruning_hints()``.
 """
 
 from __future__ import annotations
@@ -32,16 +33,24 @@ def head_layout(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: 
     >>> head_layout(320), head_layout(64, num_heads=8, min_head_dim=32), head_layout(288, num_heads=8)
     ((10, 32), (8, 32), (8, 36))
     """
-    if head_dim < 1 or num_heads < 0 or min_head_dim < 0:
-        raise ValueError(f"need head_dim >= 1, num_heads >= 0 and min_head_dim >= 0; got {head_dim}, {num_heads}, "
-                         f"{min_head_dim}")
+    if problem := _head_problem(dim, head_dim, num_heads, min_head_dim, need_divisible=False):
+        raise ValueError(problem)
     if num_heads:
         return num_heads, max(dim // num_heads, min_head_dim, 1)
     return max(dim // head_dim, 1), max(head_dim, min_head_dim)
 
 
+def _head_problem(dim: int, head_dim: int, num_heads: int, min_head_dim: int = 0,
+                  need_divisible: bool = True) -> str | None:
+    if head_dim < 1 or num_heads < 0 or min_head_dim < 0:
+        return f"need head_dim >= 1, num_heads >= 0 and min_head_dim >= 0; got {head_dim}, {num_heads}, {min_head_dim}"
+    if need_divisible and not num_heads and dim % head_dim:
+        return f"width {dim} is not a multiple of head_dim {head_dim} (or give num_heads)"
+    return None
+
+
 def _heads_dividing(width: int, heads: int) -> int:
-    """``heads``, or the largest smaller count that splits ``width`` evenly (after unstructured width pruning)."""
+    """``heads``, or the largest smaller count that splits ``width`` evenly (after pruning that ignored the heads)."""
     heads = max(min(heads, width), 1)
     while width % heads:
         heads -= 1
@@ -88,9 +97,17 @@ class Attention(nn.Module):
     (torch.Size([2, 64, 5, 3]), 2)
     """
 
+    @staticmethod
+    def check(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0, **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None: with heads derived from ``head_dim``, the width
+        must be a multiple of it (as timm requires; architectures are validated with this)."""
+        return _head_problem(dim, head_dim, num_heads, min_head_dim)
+
     def __init__(self, dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0,
                  qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
+        if problem := self.check(dim, head_dim, num_heads, min_head_dim):
+            raise ValueError(problem)
         self.num_heads, hd = head_layout(dim, head_dim, num_heads, min_head_dim)
         self.qkv = nn.Linear(dim, 3 * self.num_heads * hd, bias=qkv_bias)
         self.proj = nn.Linear(self.num_heads * hd, dim, bias=proj_bias)
@@ -151,14 +168,22 @@ class StripAttention(nn.Module):
     torch.Size([2, 64, 1, 1])
     """
 
+    @staticmethod
+    def check(dim: int, sr_ratio: int = 2, qk_ratio: float = 0.25, qk_dim: int = 0, num_heads: int = 1,
+              **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
+        if sr_ratio < 1 or num_heads < 1 or qk_dim < 0 or qk_ratio <= 0:
+            return (f"need sr_ratio >= 1, num_heads >= 1, qk_dim >= 0 and qk_ratio > 0; got {sr_ratio}, {num_heads}, "
+                    f"{qk_dim}, {qk_ratio}")
+        if dim % num_heads:
+            return f"width {dim} is not a multiple of num_heads {num_heads}"
+        return None
+
     def __init__(self, dim: int, sr_ratio: int = 2, qk_ratio: float = 0.25, qk_dim: int = 0, num_heads: int = 1,
                  qkv_bias: bool = False, proj_bias: bool = True):
         super().__init__()
-        if sr_ratio < 1 or num_heads < 1 or qk_dim < 0 or qk_ratio <= 0:
-            raise ValueError(f"need sr_ratio >= 1, num_heads >= 1, qk_dim >= 0 and qk_ratio > 0; got {sr_ratio}, "
-                             f"{num_heads}, {qk_dim}, {qk_ratio}")
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if problem := self.check(dim, sr_ratio, qk_ratio, qk_dim, num_heads):
+            raise ValueError(problem)
         qk = qk_dim or max(round(qk_ratio * dim), 1)
         qk = -(-qk // num_heads) * num_heads
         self.num_heads = num_heads
@@ -255,9 +280,9 @@ class GPSA(nn.Module):
     Local init (``local_init=True``, ConViT's): ``v`` is the identity and head ``i`` has positional logits
     ``-locality_strength * |(dx, dy) - c_i|^2`` (up to a constant per row) with ``c_i = conv_offsets(heads)[i]``,
     so it attends mostly to the token at offset ``c_i``: at initialisation the layer acts like a convolution with
-    one tap per head. ConViT uses a ``floor(sqrt(heads))`` square grid and leaves
-    extra heads random; here every head gets the next-nearest offset. :meth:`init_weights` re-applies it (e.g.
-    after a model-wide re-initialisation).
+    one tap per head. ConViT uses a ``floor(sqrt(heads))`` square grid and leaves extra heads random; here every
+    head gets the next-nearest offset. :meth:`init_weights` re-applies all of it, e.g. after a model-wide
+    re-initialisation has overwritten ``v``.
 
     Pruning (torch-pruning): nothing to pass. The mixer's input and output channels prune; torch-pruning leaves
     ``qk``/``v`` whole because their group contains ``gating_param`` (one entry per head). The head count is
@@ -269,9 +294,20 @@ class GPSA(nn.Module):
     (torch.Size([2, 64, 5, 3]), 2)
     """
 
+    @staticmethod
+    def check(dim: int, head_dim: int = 32, num_heads: int = 0, **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None: the heads must split the width evenly."""
+        if problem := _head_problem(dim, head_dim, num_heads):
+            return problem
+        if num_heads and dim % num_heads:
+            return f"width {dim} is not a multiple of num_heads {num_heads}"
+        return None
+
     def __init__(self, dim: int, head_dim: int = 32, num_heads: int = 0, qkv_bias: bool = False,
                  proj_bias: bool = True, locality_strength: float = 1.0, local_init: bool = True):
         super().__init__()
+        if problem := self.check(dim, head_dim, num_heads):
+            raise ValueError(problem)
         heads, hd = head_layout(dim, head_dim, num_heads)
         self.locality_strength = float(locality_strength)
         self.local_init = bool(local_init)

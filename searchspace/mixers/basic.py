@@ -2,7 +2,7 @@
 
 Yu et al., "MetaFormer Baselines for Vision" (arXiv 2210.13452) and "MetaFormer Is Actually What You Need for
 Vision" (PoolFormer, arXiv 2111.11418). Parameter names follow timm's ``metaformer.py`` (``pool``, ``pwconv1``,
-``dwconv``, ...) so timm checkpoints load into our presets key for key.
+``dwconv``, ...) so timm's mixer weights load by name.
 """
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import make_act
+from ..layers import ACTIVATIONS, make_act
 from . import register_mixer
 
 METAFORMER_V2 = "Yu et al., MetaFormer Baselines for Vision (arXiv 2210.13452)"
 
 
-def _check_odd_kernel(name: str, size: int) -> None:
+def _odd_kernel_problem(name: str, size: int) -> str | None:
     if not isinstance(size, int) or size < 1 or size % 2 == 0:
-        raise ValueError(f"{name} must be a positive odd integer so the output keeps the input size, got {size!r}")
+        return f"{name} must be a positive odd integer so the output keeps the input size, got {size!r}"
+    return None
 
 
 @register_mixer(
@@ -54,9 +55,15 @@ class Pooling(nn.Module):
     0.0
     """
 
+    @staticmethod
+    def check(dim: int, pool_size: int = 3, **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
+        return _odd_kernel_problem("pool_size", pool_size)
+
     def __init__(self, dim: int, pool_size: int = 3):
         super().__init__()
-        _check_odd_kernel("pool_size", pool_size)
+        if problem := self.check(dim, pool_size):
+            raise ValueError(problem)
         self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,10 +85,20 @@ class SepConv(nn.Module):
     22658
     """
 
+    @staticmethod
+    def check(dim: int, expansion: float = 2.0, kernel_size: int = 7, act: str = "starrelu", **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
+        if int(expansion * dim) < 1:
+            return f"expansion * dim must give at least one hidden channel, got {expansion} * {dim}"
+        if act not in ACTIVATIONS:
+            return f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS.names())}"
+        return _odd_kernel_problem("kernel_size", kernel_size)
+
     def __init__(self, dim: int, expansion: float = 2.0, kernel_size: int = 7, act: str = "starrelu",
                  bias: bool = False):
         super().__init__()
-        _check_odd_kernel("kernel_size", kernel_size)
+        if problem := self.check(dim, expansion, kernel_size, act):
+            raise ValueError(problem)
         hidden = int(expansion * dim)
         self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=bias)
         self.act1 = make_act(act)

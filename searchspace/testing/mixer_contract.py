@@ -17,6 +17,7 @@ from torch import nn
 from ..arch import Arch, Stage
 from ..mixers import create_mixer, get_mixer
 from ..model import build_model
+from ..pruning import pruning_kwargs
 
 # Odd, non-square and degenerate sizes are where shape bugs hide.
 SIZES = [(1, 1), (2, 3), (5, 9), (7, 7), (13, 6)]
@@ -89,9 +90,11 @@ class MixerContract:
 
         model = nn.Sequential(nn.Conv2d(8, self.dim, 1), make(), nn.Conv2d(self.dim, 8, 1)).eval()
         example = torch.randn(1, 8, 8, 8)
+        kwargs = pruning_kwargs(model)  # what the mixer declares about its heads and inner widths
+        kwargs["ignored_layers"].append(model[2])
         pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5,
-            ignored_layers=[model[2]], round_to=8,
+            model, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.5, round_to=8,
+            **kwargs,
         )
         pruner.step()
         assert model[0].out_channels == self.dim // 2, "the pruner did not reach the mixer's channels"
