@@ -81,3 +81,16 @@ def test_timm_feature_extraction_and_saved_arch(tmp_path):
     assert [o.shape[-1] for o in outs] == [16, 8, 4, 2]
     assert feats.feature_info.reduction() == [4, 8, 16, 32]
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PRESETS)
+def test_export_and_eval_determinism(name):
+    model = searchspace.build_model(name, num_classes=4).eval()
+    x = torch.randn(1, 3, 48, 40)
+    with torch.no_grad():
+        first, second = model(x), model(x)
+    assert torch.equal(first, second)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(x), first, rtol=1e-4, atol=1e-4)
