@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="square input side in pixels (default: the data's, 32 for the built-in digits, "
                         "64 for an image folder)")
     g.add_argument("--batch-size", type=int, default=1, help="batch size latency is measured at (default: 1)")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads for measuring and training "
-                   "(default: torch's)")
+    g.add_argument("--threads", type=int, default=None, help="threads latency is measured with; set your "
+                   "deployment's count (default: 1 on the CPU, the most repeatable; training uses every core)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="image folder, one sub-folder per class, split reproducibly (default: built-in digits)")

@@ -5,6 +5,12 @@
 >>> result = measure_latency("PoolFormerV2-S12", InputSpec(height=64, width=64), threads=1)  # doctest: +SKIP
 >>> result.value_ms <= budget_ms, str(result)  # doctest: +SKIP
 (False, '13.8 ms (spread 2.5% over 5 rounds of 15 runs) on Intel(R) Xeon(R) Processor [cpu], 1 thread, ...')
+>>> table = LatencyTable.open("cpu", InputSpec(height=64, width=64), threads=1)  # cached on disk  # doctest: +SKIP
+>>> table.build_for_space("default")  # doctest: +SKIP
+>>> table.predict(searchspace.preset("PoolFormerV2-S12")).total_ms  # no model built  # doctest: +SKIP
+13.6
+
+From the shell: ``python -m searchspace.latency PoolFormerV2-S12 --input-size 224 --threads 1``.
 """
 
 from .budget import ACCEPTED_FORMS, BudgetError, format_ms, parse_budget
@@ -28,9 +34,35 @@ from .measure import (
     run_rounds,
     summarize,
 )
+from .table import (
+    BlockPart,
+    Calibration,
+    DownsamplePart,
+    HeadPart,
+    LatencyTable,
+    PartProtocol,
+    Prediction,
+    StemPart,
+    TableKey,
+    arch_parts,
+    default_cache_dir,
+    stage_resolutions,
+)
 
 __all__ = [
     "ACCEPTED_FORMS",
+    "BlockPart",
+    "Calibration",
+    "DownsamplePart",
+    "HeadPart",
+    "LatencyTable",
+    "PartProtocol",
+    "Prediction",
+    "StemPart",
+    "TableKey",
+    "arch_parts",
+    "default_cache_dir",
+    "stage_resolutions",
     "COUNTER_NAME",
     "DEFAULT_INPUT",
     "BudgetError",

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..arch import Arch
+from ..evaluators import TrialPruned
 from ..latency import InputSpec, count_params_macs, measure_latency
 
 # A candidate predicted this much over the budget is screened out unmeasured. The table's error is a few percent;
@@ -76,10 +77,19 @@ class CandidateRunner:
     def predict(self, arch: Arch) -> float | None:
         return None if self.predictor is None else float(self.predictor.predict(arch).total_ms)
 
+    @property
+    def timer(self):
+        """With one CPU thread, time the measuring thread's CPU time: time other processes take is left out."""
+        if self.device == "cpu" and self.threads == 1:
+            from ..latency.table import thread_cpu_timer
+
+            return thread_cpu_timer
+        return None
+
     def measure(self, model: torch.nn.Module):
-        """A quick robust measurement for screening; finalists are measured again side by side."""
+        """A quick robust measurement of a candidate; finalists are measured again side by side."""
         return measure_latency(model, self.input_spec, device=self.device, threads=self.threads,
-                               rounds=self.measure_rounds, warmup=5, target_round_ms=100.0)
+                               rounds=self.measure_rounds, warmup=5, target_round_ms=100.0, timer=self.timer)
 
     def run(self, arch: Arch, report: Callable[[int, float], bool] | None = None) -> Outcome:
         """Screen, measure and evaluate ``arch``. ``report(epoch, accuracy) -> prune?`` is passed to training.
@@ -103,12 +113,15 @@ class CandidateRunner:
             if result.value_ms > self.budget_ms:
                 out.state = "infeasible"
                 return out
-            ev = self.evaluator.evaluate(arch, self.data, report=report)
+            try:
+                ev = self.evaluator.evaluate(arch, self.data, report=report)
+            except TrialPruned as stop:  # the pruner stopped a poor training; keep what it measured
+                ev = stop.result
             out.accuracy = ev.accuracy
-            out.score = getattr(ev, "score", None)
-            out.curve = list(getattr(ev, "curve", None) or getattr(ev, "val_accuracies", None) or [])
-            out.epochs = getattr(ev, "epochs", None)
-            out.state = "pruned" if getattr(ev, "pruned", False) else "complete"
+            out.score = ev.score if ev.accuracy is None else None  # proxies have a score, training an accuracy
+            out.curve = list(ev.accuracies)
+            out.epochs = ev.epochs or None
+            out.state = "pruned" if ev.pruned else "complete"
             return out
         finally:
             out.seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ class SearchConfig:
     input_size: int | None = None  # square input side in pixels; None = the data's default (digits: 32)
     batch_size: int = 1  # batch size the latency is measured at
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N"
-    threads: int | None = None  # CPU threads for measurement and training; None = torch's default
+    threads: int | None = None  # threads latency is measured with; None = 1 on the CPU (training uses all cores)
     trials: int = 40  # trials to run in total (a resumed search runs only the missing ones)
     timeout_s: float | None = 420.0  # seconds of trials in this run; None = no limit
     evaluator: str = "train"  # "train" (short training) or "zero-cost" (a proxy score, no training)

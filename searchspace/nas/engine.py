@@ -85,8 +85,9 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     write_json(out / "config.json", {"search": config.to_dict(), "environment": environment()})
 
     device = resolve_device(config.device)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    # Latency is measured with a fixed thread count: the one asked for, else one thread on the CPU (the most
+    # repeatable figure on a shared machine; pass --threads to match your deployment).
+    threads = config.threads or (1 if device == "cpu" else None)
     from ..data import load_data
 
     data = load_data(config.data, input_size=config.input_size, seed=config.seed)
@@ -95,12 +96,12 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     space = get_space(config.space)
     echo(f"MixerNAS: searching space {space.name!r} for the most accurate model within "
          f"{format_ms(config.budget_ms)} on {device} at {data.input_size}x{data.input_size}, batch "
-         f"{config.batch_size}; data: {data.description}; results in {out}")
+         f"{config.batch_size}; data: {data.describe()}; results in {out}")
 
-    predictor = _latency_table(space, spec, device, config.threads, progress, echo)
+    predictor = _latency_table(space, spec, device, threads, data.num_classes, progress, echo)
     evaluator = make_evaluator(config, device)
     runner = CandidateRunner(budget_ms=config.budget_ms, predictor=predictor, evaluator=evaluator, data=data,
-                             input_spec=spec, device=device, threads=config.threads)
+                             input_spec=spec, device=device, threads=threads)
 
     if config.backend == "optuna":
         from .optuna_backend import run_study
@@ -110,6 +111,7 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
         from .nni_backend import run_study  # noqa: F811
     rows, interrupted = run_study(config, space, runner, progress=progress, echo=echo)
     write_csv(out / "trials.csv", rows)
+    _recalibrate(predictor, rows, echo)
 
     metric = "accuracy" if config.evaluator == "train" else "score"
     result = SearchResult(out_dir=out, config=config, best=None, trials=rows, interrupted=interrupted)
@@ -142,21 +144,28 @@ def make_evaluator(config: SearchConfig, device: str):
 
     if config.evaluator == "train":
         kwargs = {"epochs": config.epochs} if config.epochs else {}
-        return TrainEvaluator(seed=config.seed, device=device, threads=config.threads, **kwargs)
+        return TrainEvaluator(seed=config.seed, device=device, **kwargs)
     return ZeroCostEvaluator(seed=config.seed)
 
 
-def _latency_table(space, spec: InputSpec, device: str, threads: int | None, progress: bool, echo):
+def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num_classes: int, progress: bool,
+                   echo):
+    """The device's lookup table; parts a candidate needs and the table lacks are measured on first use and cached,
+    so a search pays only for the blocks it meets and the next search on this device reuses them."""
     from ..latency.table import LatencyTable
 
-    table = LatencyTable.open(device=device, input_spec=spec, threads=threads)
-    if isinstance(space, ChoiceSpace):
-        start = time.perf_counter()
-        measured = table.build_for_space(space, progress=progress)
-        if measured:
-            echo(f"latency table: measured {measured} blocks in {time.perf_counter() - start:.0f} s "
-                 f"(cached for the next search on this device)")
+    table = LatencyTable.open(device=device, input_spec=spec, threads=threads, num_classes=num_classes)
+    echo(f"latency table: {len(table)} blocks cached for this device and input ({table.path})")
     return table
+
+
+def _recalibrate(table, rows, echo) -> None:
+    """The trials' real measurements calibrate the table for the next search on this device (free: no new runs)."""
+    pairs = [(Arch.from_json(r["arch"]), r["measured_ms"]) for r in rows
+             if r.get("measured_ms") is not None and r.get("arch")]
+    if len(pairs) >= 5:
+        cal = table.calibrate([a for a, _ in pairs], [m for _, m in pairs], progress=False)
+        echo(f"latency table calibrated on {len(pairs)} measured candidates: {cal}")
 
 
 def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float, echo) -> dict[str, Any] | None:
@@ -169,7 +178,8 @@ def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float,
         return None
     archs = [Arch.from_json(r["arch"]) for r in finalists]
     models = [arch_model(a, runner.data) for a in archs]
-    results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads, rounds=7)
+    results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads, rounds=7,
+                           timer=runner.timer)
     for r, m in zip(finalists, results):
         r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context
         echo(f"finalist trial {r['trial']}: {metric} {r[metric]:.4f}, re-measured {format_ms(m.value_ms)} "
@@ -236,8 +246,8 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
     base_epochs = config.epochs or TrainEvaluator().epochs
     epochs = config.final_epochs or 4 * base_epochs
     echo(f"training the winner (trial {winner['trial']}) for {epochs} epochs")
-    trainer = TrainEvaluator(epochs=epochs, seed=config.seed, device=device, threads=config.threads)
-    model, ev = trainer.fit(arch, data)
+    trainer = TrainEvaluator(epochs=epochs, seed=config.seed, device=device)
+    model, ev = trainer.train(arch, data)
     ctx = winner["context"]
     best = {
         "arch": arch.to_dict(),
@@ -258,7 +268,7 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
         "params": winner.get("params"),
         "macs": winner.get("macs"),
         "final_epochs": epochs,
-        "data": data.description,
+        "data": data.describe(),
         "num_classes": data.num_classes,
         "in_chans": data.in_chans,
         "environment": environment(),

@@ -26,6 +26,10 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> list[float]:
 
 
 def create_study(config: SearchConfig) -> optuna.Study:
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
     if config.objective == "pareto":
         sampler = optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=_constraints, population_size=16)
         directions = ["maximize", "minimize"]

@@ -1,0 +1,211 @@
+"""``python -m compress``: apply a YAML recipe to a checkpoint; write the compressed model and a before/after report.
+
+    python -m compress --recipe recipes/prune-50-kd.yaml --model runs/default-5ms
+    python -m compress --recipe recipes/lowrank-kd.yaml --model convformer_s18 --checkpoint cf18.pth --data photos/
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from searchspace.errors import MixerNASError
+
+DESCRIPTION = """\
+Apply a compression recipe (recipes/*.yaml: channel pruning, token pruning, low-rank, distillation, fine-tuning,
+measurement) to a model and its checkpoint. The recipe is validated whole before anything runs.
+
+Model (--model): a MixerNAS search results folder (its weights are used; --checkpoint optional), a folder written
+by this command, an architecture JSON file, a MixerNAS preset (e.g. PoolFormerV2-S12), or a timm model name (e.g.
+poolformerv2_s12, convformer_s18, caformer_s18, vit_tiny_patch16_224, deit_small_patch16_224), created with
+pretrained=False: nothing is downloaded, the weights come from --checkpoint (.pth/.pt loaded with
+weights_only=True, or .safetensors; training-script layouts are unwrapped; a file that needs pickled code is
+refused, never executed).
+
+Data (--data): an image folder (one sub-folder per class, split reproducibly into train/validation), default the
+built-in handwritten digits (10 classes, 1 grey channel, 32x32). When the data does not match the checkpoint,
+it is made to fit and the report says so: grey images are repeated to the model's 3 input channels, and a
+classifier trained on other classes (an ImageNet checkpoint) is replaced by a new, untrained one for the data's
+classes - its accuracy starts at chance, so recipes for such checkpoints should fine-tune first.
+
+Units: latency in milliseconds (ms) or microseconds (us), measured on --device with --threads at batch 1 and
+--input-size pixels: the lowest median of interleaved rounds, with the spread of the rounds in percent. Params
+and MACs (multiply-accumulates of one forward pass) are counts; accuracy is validation top-1 in [0, 1]. The
+speed-up is original / compressed latency, measured side by side in one run."""
+
+EPILOG = """\
+output folder (--out): model/ (compressed.json + model.safetensors; reload with compress.load(folder)),
+report.json, report.md and recipe.yaml (a copy of the recipe).
+exit status: 0 success, 2 bad input (one line on stderr says what to change), 130 interrupted."""
+
+
+class _UsageError(MixerNASError):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and status 2, instead of argparse's usage block
+        raise _UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m compress", description=DESCRIPTION, epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", metavar="YAML", help="recipe file, e.g. recipes/prune-50-kd.yaml (required)")
+    p.add_argument("--model", metavar="NAME|FILE|DIR",
+                   help="results folder, compressed-model folder, arch.json, MixerNAS preset or timm model name "
+                        "(required)")
+    p.add_argument("--checkpoint", default=None, metavar="FILE",
+                   help="weights: .pth, .pt or .safetensors (required unless --model is a folder with weights)")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="image folder, one sub-folder per class (default: the built-in digits)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output folder (default: runs/compress/<model>-<recipe>)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
+                   help="square image side in pixels (default: the recipe's input_size, else the size a results "
+                        "folder was searched at, else the data's: 32 for the digits, 64 for a folder)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads for training and measuring (default: torch's; 1 gives the steadiest "
+                        "latencies on a small shared CPU)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes of the checkpoint's classifier (default: read from the checkpoint)")
+    p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a timm training checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
+    g = p.add_argument_group("latency measurement")
+    g.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (default: 5)")
+    g.add_argument("--warmup", type=int, default=10, help="untimed runs before measuring (default: 10)")
+    g.add_argument("--round-ms", type=float, default=200.0,
+                   help="target length of one round in milliseconds; sets the runs per round (default: 200)")
+    g.add_argument("--no-step-latency", action="store_true",
+                   help="measure latency only before and after the recipe, not after every step")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--list-steps", action="store_true", help="print every recipe step with its parameters and exit")
+    return p
+
+
+def list_steps() -> str:
+    """Every registered step: description, then each parameter with its type, default, range and help."""
+    from .recipe import describe_types
+    from .steps import STEPS, get_step
+
+    lines = []
+    for name in STEPS.names():
+        spec = get_step(name)
+        lines.append(f"{name}{' (needs data)' if spec.needs_data else ''}: {spec.description}")
+        for key, param in spec.params.items():
+            types = param.type if isinstance(param.type, tuple) else (param.type,)
+            bounds = [f">= {param.minimum}" if param.minimum is not None else "",
+                      f"<= {param.maximum}" if param.maximum is not None else "",
+                      f"one of {', '.join(map(str, param.choices))}" if param.choices else ""]
+            shown = list(param.default) if isinstance(param.default, tuple) else param.default
+            default = "required" if param.required else f"default {shown!r}"
+            extra = ", ".join(b for b in bounds if b)
+            lines.append(f"    {key}: {describe_types(types)}, {default}{', ' + extra if extra else ''}"
+                         f"{' - ' + param.help if param.help else ''}")
+    return "\n".join(lines)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for flag, value, low in (("--input-size", args.input_size, 8), ("--threads", args.threads, 1),
+                             ("--num-classes", args.num_classes, 1), ("--rounds", args.rounds, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value is not None and value < low:
+            raise MixerNASError(f"{flag} must be at least {low}, got {value}")
+    if not args.round_ms > 0:
+        raise MixerNASError(f"--round-ms must be a positive number of milliseconds, got {args.round_ms}")
+
+
+def _default_out(model: str, recipe: str) -> Path:
+    stem = Path(model.rstrip("/")).stem if ("/" in model or model.endswith(".json")) else model
+    return Path("runs") / "compress" / re.sub(r"[^\w.-]+", "_", f"{stem}-{recipe}")
+
+
+def _size_hint(model: str) -> int | None:
+    """The input size a results or compressed-model folder was made at, if it says."""
+    from . import saving
+    from .checkpoint import results_input_size
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return None
+    if saving.is_saved_model(path):
+        size = saving.read_manifest(path).get("extra", {}).get("input_size")
+        return int(size) if isinstance(size, int) else None
+    return results_input_size(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    from searchspace.data import load_data
+    from searchspace.latency import InputSpec, resolve_device
+
+    from . import apply, saving
+    from .checkpoint import adapt_to_data, create_model, read_state_dict
+    from .recipe import load_recipe
+    from .steps.measure import MeasureOptions
+
+    if args.list_steps:
+        print(list_steps())
+        return 0
+    for flag, value in (("--recipe", args.recipe), ("--model", args.model)):
+        if value is None:
+            raise MixerNASError(f"{flag} is required (see --help)")
+    _check_args(args)
+    recipe = load_recipe(args.recipe)  # validated whole before anything else is loaded
+    device = str(resolve_device(args.device))
+    model_path = Path(args.model).expanduser()
+    if args.checkpoint is None and not model_path.is_dir():
+        raise MixerNASError(f"--checkpoint is required with --model {args.model!r} (a name or arch.json has no "
+                            f"weights); only a results or compressed-model folder brings its own")
+    log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
+
+    state = read_state_dict(args.checkpoint, use_ema=args.use_ema) if args.checkpoint else None  # fail fast
+    size = args.input_size or recipe.input_size or _size_hint(args.model)
+    data = load_data(args.data, input_size=size, seed=args.seed)
+    log(f"data: {data.describe()}")
+    loaded = create_model(args.model, checkpoint=state, checkpoint_label=args.checkpoint,
+                          num_classes=args.num_classes, input_size=data.input_size)
+    model, data, notes = adapt_to_data(loaded.model, data, seed=args.seed)
+    label = f"{loaded.kind} model {loaded.name!r}" + (f" (checkpoint {args.checkpoint})" if args.checkpoint else "")
+    spec = InputSpec(batch=1, channels=data.in_chans, height=data.input_size, width=data.input_size)
+    out = Path(args.out) if args.out else _default_out(args.model, recipe.name)
+
+    compressed, report = apply(
+        recipe, model, data, input_spec=spec, device=device, threads=args.threads,
+        measure=MeasureOptions(warmup=args.warmup, rounds=args.rounds, target_round_ms=args.round_ms),
+        step_latency=not args.no_step_latency, label=label, notes=loaded.notes + notes, log=log)
+
+    extra = {"recipe": recipe.name, "input_size": data.input_size, "in_chans": data.in_chans,
+             "num_classes": data.num_classes, "class_names": list(data.class_names), "data": data.describe(),
+             "mean": list(data.mean), "std": list(data.std), "from": label, "change": report.change()}
+    saving.save(compressed, out / "model", example=spec, extra=extra)
+    report.write(out)
+    from searchspace._io import atomic_write_text
+
+    atomic_write_text(out / "recipe.yaml", recipe.text or "")
+    print(report.summary())
+    print(f"written: {out}/ (model/, report.md, report.json, recipe.yaml)")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return run(args)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except MixerNASError as exc:
+        message = " ".join(str(exc).split())
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""``measure``: parameters, MACs, measured latency and validation accuracy of the model at this point.
+
+Latency follows :mod:`searchspace.latency`'s protocol (inference mode, fixed threads, warm-up, interleaved rounds,
+lowest round median with its spread) and carries its context (device, threads, input, dtype, torch version).
+``compress.apply`` calls :func:`measure_model` before the recipe and after every step, so the report has the
+figures step by step; a ``measure`` step in a recipe records them again at that point, with its own settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from . import Param, StepContext, register_step
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How latency is measured (see :func:`searchspace.latency.measure_latency`)."""
+
+    warmup: int = 10  # untimed runs first
+    rounds: int = 5  # interleaved rounds; the statistic is the lowest round median
+    target_round_ms: float = 200.0  # a round lasts about this long (sets the runs per round)
+    max_extra_rounds: int = 5  # re-measure while rounds disagree by more than 5%, at most this many times
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"warmup": self.warmup, "rounds": self.rounds, "target_round_ms": self.target_round_ms,
+                "max_extra_rounds": self.max_extra_rounds}
+
+
+def options(ctx: StepContext) -> MeasureOptions:
+    """The measurement settings of this run (``compress.apply(measure=...)``, ``--rounds``)."""
+    return ctx.state.get("measure_options") or MeasureOptions()
+
+
+def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, accuracy: bool = True,
+                  settings: MeasureOptions | None = None) -> dict[str, Any]:
+    """``params``, ``macs``, and (if asked) ``latency_ms`` with ``latency_spread``/``latency_context``, and
+    ``accuracy`` (top-1 in [0, 1]) and ``val_loss`` (cross-entropy) on ``ctx.data.val`` when there is data."""
+    from searchspace.latency import count_macs, count_params, measure_latency
+
+    spec = ctx.input_spec
+    figures: dict[str, Any] = {"params": count_params(model), "macs": count_macs(model, spec)}
+    if latency:
+        result = measure_latency(model, spec, device=ctx.device, threads=ctx.threads,
+                                 **(settings or options(ctx)).kwargs())
+        figures.update(latency_ms=result.value_ms, latency_spread=result.spread,
+                       latency_context=str(result.context))
+    if accuracy and ctx.data is not None:
+        from searchspace.evaluators import validate
+
+        was_training = model.training
+        figures["accuracy"], figures["val_loss"] = validate(model, ctx.data.val, device=ctx.device)
+        model.train(was_training)
+    return figures
+
+
+@register_step(
+    "measure",
+    description="record params, MACs, measured latency and (with data) validation accuracy at this point",
+    params={
+        "latency": Param(bool, True, help="measure latency on the device (false: counts and accuracy only)"),
+        "accuracy": Param(bool, True, help="validation top-1 accuracy, when there is data"),
+        "rounds": Param(int, None, minimum=1, help="latency rounds (default: the run's setting, 5)"),
+    },
+)
+def measure(ctx: StepContext, latency: bool, accuracy: bool, rounds: int | None) -> dict[str, Any]:
+    settings = options(ctx)
+    if rounds is not None:
+        settings = MeasureOptions(settings.warmup, rounds, settings.target_round_ms, settings.max_extra_rounds)
+    return measure_model(ctx.model, ctx, latency=latency, accuracy=accuracy, settings=settings)
