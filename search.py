@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, default=1, help="batch size latency is measured at (default: 1)")
     g.add_argument("--threads", type=int, default=None, help="threads latency is measured with; set your "
                    "deployment's count (default: 1 on the CPU, the most repeatable; training uses every core)")
+    g.add_argument("--train-threads", type=int, default=None, help="CPU threads for training (default: torch's, "
+                   "every core)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="image folder, one sub-folder per class, split reproducibly (default: built-in digits)")
@@ -63,11 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="(default: 0)")
     g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
     g.add_argument("--workers", type=int, default=1, help="trials evaluated at once with Ray (default: 1)")
-    g.add_argument("--no-baselines", action="store_true", help="do not evaluate the presets that fit the budget")
+    g.add_argument("--baselines", default="all", metavar="all|none|NAME,NAME",
+                   help="presets evaluated beside the winner when they fit the budget (default: all)")
     g.add_argument("--compress", default=None, metavar="RECIPE", help="apply a compression recipe to the winner")
     p.add_argument("--out", default=None, metavar="DIR", help="results folder (default: runs/<space>-<budget>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
+
+
+def _baselines(text: str) -> tuple[str, ...] | None:
+    if text == "all":
+        return None
+    if text == "none":
+        return ()
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
         config = SearchConfig(
             budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
             input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
+            train_threads=args.train_threads,
             trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator, epochs=args.epochs,
             final_epochs=args.final_epochs, objective=args.objective, backend=args.backend, storage=args.storage,
             study_name=args.study_name, out=args.out, seed=args.seed, ray_address=args.ray_address,
-            workers=args.workers, baselines=not args.no_baselines, compress=args.compress,
+            workers=args.workers, baselines=_baselines(args.baselines), compress=args.compress,
         )
         result = run(config, progress=not args.quiet)
     except MixerNASError as exc:

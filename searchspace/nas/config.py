@@ -33,6 +33,7 @@ class SearchConfig:
     batch_size: int = 1  # batch size the latency is measured at
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # threads latency is measured with; None = 1 on the CPU (training uses all cores)
+    train_threads: int | None = None  # CPU threads for training; None = torch's default (every core)
     trials: int = 40  # trials to run in total (a resumed search runs only the missing ones)
     timeout_s: float | None = 420.0  # seconds of trials in this run; None = no limit
     evaluator: str = "train"  # "train" (short training) or "zero-cost" (a proxy score, no training)
@@ -46,7 +47,7 @@ class SearchConfig:
     seed: int = 0
     ray_address: str | None = None  # join this Ray cluster; None = start a local Ray
     workers: int = 1  # trials evaluated at once (Ray)
-    baselines: bool = True  # train the presets that fit the budget as baselines
+    baselines: tuple[str, ...] | None = None  # presets evaluated beside the winner when they fit; None = all
     compress: str | None = None  # recipe applied to the winner (compression issue)
 
     def __post_init__(self) -> None:
@@ -59,7 +60,7 @@ class SearchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise MixerNASError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("epochs", "final_epochs", "threads", "input_size"):
+        for name in ("epochs", "final_epochs", "threads", "train_threads", "input_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise MixerNASError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -67,6 +68,12 @@ class SearchConfig:
             raise MixerNASError(f"--input-size must be at least 8 pixels, got {self.input_size}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise MixerNASError(f"--timeout must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.baselines is not None:
+            from ..presets import preset_spec
+
+            object.__setattr__(self, "baselines", tuple(self.baselines))
+            for name in self.baselines:
+                preset_spec(name)  # unknown names fail now, with the close matches
         if self.compress is not None:
             raise MixerNASError("--compress needs the compression steps, which this version does not have yet")
 

@@ -126,7 +126,7 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
         _plots(result, metric)
         raise NoArchitectureFits(_nothing_fits_message(rows, config))
 
-    result.baselines = _baselines(config, runner, out, metric, echo) if config.baselines else []
+    result.baselines = _baselines(config, runner, out, metric, echo)
     result.best = _final(config, winner, data, device, spec, out, metric, echo)
     write_json(out / "best.json", result.best)
     if config.objective == "pareto":
@@ -144,8 +144,8 @@ def make_evaluator(config: SearchConfig, device: str):
 
     if config.evaluator == "train":
         kwargs = {"epochs": config.epochs} if config.epochs else {}
-        return TrainEvaluator(seed=config.seed, device=device, **kwargs)
-    return ZeroCostEvaluator(seed=config.seed)
+        return TrainEvaluator(seed=config.seed, device=device, threads=config.train_threads, **kwargs)
+    return ZeroCostEvaluator(seed=config.seed, device=device, threads=config.train_threads)
 
 
 def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num_classes: int, progress: bool,
@@ -218,7 +218,7 @@ def _baselines(config: SearchConfig, runner: CandidateRunner, out: Path, metric:
 
         cache = {b["name"]: b for b in json.loads(path.read_text())}
     rows = []
-    for name in list_presets():
+    for name in list_presets() if config.baselines is None else config.baselines:
         if name in cache:
             rows.append(cache[name])
             continue
@@ -246,7 +246,7 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
     base_epochs = config.epochs or TrainEvaluator().epochs
     epochs = config.final_epochs or 4 * base_epochs
     echo(f"training the winner (trial {winner['trial']}) for {epochs} epochs")
-    trainer = TrainEvaluator(epochs=epochs, seed=config.seed, device=device)
+    trainer = TrainEvaluator(epochs=epochs, seed=config.seed, device=device, threads=config.train_threads)
     model, ev = trainer.train(arch, data)
     ctx = winner["context"]
     best = {

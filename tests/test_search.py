@@ -1,0 +1,177 @@
+"""search.py end to end, in-process, on the tiny space: results, resume, failures, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import search
+import searchspace
+from searchspace.nas import SearchConfig
+from searchspace.nas import engine as engine_module
+
+# one training thread keeps the tests quick and steady on a shared 2-core machine
+FAST = ["--space", "tiny", "--epochs", "1", "--final-epochs", "1", "--input-size", "16", "--quiet",
+        "--timeout", "300", "--train-threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def shared_latency_cache(tmp_path_factory, monkeypatch):
+    # one table cache for the whole session: later tests reuse the blocks earlier ones measured
+    cache = tmp_path_factory.getbasetemp() / "latency-cache"
+    monkeypatch.setenv("MIXERNAS_CACHE_DIR", str(cache))
+
+
+def read_trials(out):
+    with open(out / "trials.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_search_writes_a_results_folder_whose_best_fits(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = search.main(["--latency-budget", "50ms", "--trials", "3", "--out", str(out),
+                        "--baselines", "IdentityFormer-S12", *FAST])
+    assert code == 0
+    for name in ("trials.csv", "best.json", "report.md", "accuracy_vs_latency.png", "history.png", "study.db",
+                 "config.json", "baselines.json", "best/arch.json", "best/model.safetensors"):
+        assert (out / name).exists(), name
+    best = json.loads((out / "best.json").read_text())
+    for key in ("arch", "accuracy", "latency_ms", "input_size", "batch_size", "device", "budget_ms", "environment"):
+        assert key in best
+    assert best["latency_ms"] <= best["budget_ms"] == 50.0
+    assert best["input_size"] == 16 and best["batch_size"] == 1
+    rows = read_trials(out)
+    assert len(rows) == 3
+    assert {"state", "accuracy", "predicted_ms", "measured_ms", "params", "macs", "seconds", "arch"} <= set(rows[0])
+    # the saved model reloads with its weights and classifies digits
+    model = searchspace.load_model(out)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+    baselines = json.loads((out / "baselines.json").read_text())
+    assert [b["name"] for b in baselines] == ["IdentityFormer-S12"]
+    assert "best:" in capsys.readouterr().out
+
+
+def test_rerun_resumes_up_to_the_requested_trials(tmp_path):
+    out = tmp_path / "run"
+    args = ["--latency-budget", "50ms", "--out", str(out), "--baselines", "none", *FAST]
+    assert search.main(["--trials", "2", *args]) == 0
+    first = read_trials(out)
+    assert search.main(["--trials", "4", *args]) == 0
+    second = read_trials(out)
+    assert len(first) == 2 and len(second) == 4
+    assert [r["arch"] for r in second[:2]] == [r["arch"] for r in first]  # the old trials are kept, not redone
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--baselines", "none", "--trials", "1", *FAST]
+    assert search.main(["--latency-budget", "50ms", *args]) == 0
+    assert search.main(["--latency-budget", "20ms", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "holds a different search" in err and "budget_ms" in err
+
+
+def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
+    original = engine_module.CandidateRunner.run
+    calls = []
+
+    def flaky(self, arch, report=None):
+        calls.append(arch)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return original(self, arch, report)
+
+    monkeypatch.setattr(engine_module.CandidateRunner, "run", flaky)
+    out = tmp_path / "run"
+    assert search.main(["--latency-budget", "50ms", "--trials", "3", "--out", str(out), "--baselines", "none",
+                        *FAST]) == 0
+    rows = read_trials(out)
+    states = [r["state"] for r in rows]
+    assert states.count("failed") == 1 and len(rows) == 3
+    failed = rows[states.index("failed")]
+    assert "out of memory" in failed["error"]
+
+
+def test_interrupt_keeps_finished_trials_and_resumes(tmp_path, monkeypatch):
+    original = engine_module.CandidateRunner.run
+    calls = []
+
+    def interrupted(self, arch, report=None):
+        calls.append(arch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, arch, report)
+
+    monkeypatch.setattr(engine_module.CandidateRunner, "run", interrupted)
+    out = tmp_path / "run"
+    args = ["--latency-budget", "50ms", "--trials", "3", "--out", str(out), "--baselines", "none", *FAST]
+    assert search.main(args) == 130
+    assert len([r for r in read_trials(out) if r["state"] != "failed"]) == 1
+    assert "interrupted" in (out / "report.md").read_text()
+    monkeypatch.setattr(engine_module.CandidateRunner, "run", original)
+    assert search.main(args) == 0
+    assert len(read_trials(out)) == 3
+
+
+def test_budget_nothing_meets_says_so_and_suggests_one(tmp_path, capsys):
+    code = search.main(["--latency-budget", "1us", "--trials", "2", "--out", str(tmp_path / "run"),
+                        "--baselines", "none", *FAST])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no architecture fits 1.00 µs" in err and "try --latency-budget" in err
+    assert {r["state"] for r in read_trials(tmp_path / "run")} == {"screened"}  # nothing was built or trained
+
+
+def test_zero_cost_and_pareto(tmp_path):
+    out = tmp_path / "zc"
+    assert search.main(["--latency-budget", "50ms", "--trials", "3", "--evaluator", "zero-cost", "--out", str(out),
+                        "--baselines", "none", *FAST]) == 0
+    rows = read_trials(out)
+    assert all(r["score"] for r in rows if r["state"] == "complete") and not any(r["accuracy"] for r in rows)
+    assert json.loads((out / "best.json").read_text())["accuracy"] > 0  # the winner is trained at the end
+
+    out = tmp_path / "pareto"
+    assert search.main(["--latency-budget", "50ms", "--trials", "3", "--objective", "pareto", "--out", str(out),
+                        "--baselines", "none", *FAST]) == 0
+    with open(out / "pareto.csv") as f:
+        front = list(csv.DictReader(f))
+    assert front and all(float(r["measured_ms"]) > 0 for r in front)
+    lat = [float(r["measured_ms"]) for r in front]
+    acc = [float(r["accuracy"]) for r in front]
+    assert lat == sorted(lat) and acc == sorted(acc)  # a front: slower only when more accurate
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--latency-budget", "5"], "unit is missing"),
+    (["--latency-budget=-3ms"], "latency budget"),
+    (["--latency-budget", "5 parsecs"], "latency budget"),
+    (["--latency-budget", "5ms", "--space", "defualt"], "did you mean 'default'"),
+    (["--latency-budget", "5ms", "--space", "nomodule:space"], "cannot import"),
+    (["--latency-budget", "5ms", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+    (["--latency-budget", "5ms", "--baselines", "CAFormer-S81"], "CAFormer-S18"),
+    (["--latency-budget", "5ms", "--trials", "0"], "--trials"),
+    (["--latency-budget", "5ms", "--device", "tpu"], "unknown device"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    code = search.main([*argv, "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert message in err
+
+
+def test_empty_data_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "images").mkdir()
+    assert search.main(["--latency-budget", "5ms", "--data", str(tmp_path / "images"), "--out",
+                        str(tmp_path / "run"), "--quiet"]) == 2
+    assert "class" in capsys.readouterr().err
+
+
+def test_python_api_returns_a_result(tmp_path):
+    result = searchspace.search("50ms", space="tiny", trials=2, epochs=1, final_epochs=1, input_size=16,
+                                baselines=(), train_threads=1, out=str(tmp_path / "api"))
+    assert result.best["latency_ms"] <= 50.0
+    assert isinstance(result.arch, searchspace.Arch)
+    assert result.load_model()(torch.randn(1, 1, 16, 16)).shape == (1, 10)
+    assert SearchConfig(budget_ms=5.0).out_dir.name == "default-5.00ms"
