@@ -11,6 +11,7 @@ from .arch import Arch, Blocks, FrozenArgs, Stage
 from .errors import InvalidArchError, MixerNASError, UnknownNameError
 from .mixers import MixerSpec, create_mixer, get_mixer, list_mixers, register_mixer, unregister_mixer
 from .model import MetaFormerNet, build_model, resolve_arch
+from .data import DataBundle, load_data
 from .nas import SearchConfig, SearchResult, load_model, search
 from .presets import list_presets, preset, preset_spec, register_preset
 from .space import ChoiceSpace, SearchSpace, StageChoices, get_space, list_spaces, register_space
@@ -21,6 +22,7 @@ __all__ = [
     "Arch",
     "Blocks",
     "ChoiceSpace",
+    "DataBundle",
     "FrozenArgs",
     "InvalidArchError",
     "MetaFormerNet",
@@ -39,6 +41,7 @@ __all__ = [
     "list_mixers",
     "list_presets",
     "list_spaces",
+    "load_data",
     "load_model",
     "preset",
     "preset_spec",
