@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop starting trials after this many seconds (default: 420)")
     g.add_argument("--objective", choices=("accuracy", "pareto"), default="accuracy",
                    help="accuracy under the budget (TPE) or the accuracy/latency front (NSGA-II) (default: accuracy)")
+    g.add_argument("--sampler", choices=("tpe", "nsga2", "random"), default=None,
+                   help="Optuna sampler (default: tpe for accuracy, nsga2 for pareto; random as a baseline)")
     g.add_argument("--backend", choices=("optuna", "ray", "nni"), default="optuna", help="(default: optuna)")
     g.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out)")
@@ -92,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         config = SearchConfig(
             budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
             input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
-            train_threads=args.train_threads,
-            trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator, epochs=args.epochs,
-            final_epochs=args.final_epochs, objective=args.objective, backend=args.backend, storage=args.storage,
+            train_threads=args.train_threads, trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator,
+            epochs=args.epochs, final_epochs=args.final_epochs, objective=args.objective, sampler=args.sampler,
+            backend=args.backend, storage=args.storage,
             study_name=args.study_name, out=args.out, seed=args.seed, ray_address=args.ray_address,
             workers=args.workers, baselines=_baselines(args.baselines), compress=args.compress,
         )

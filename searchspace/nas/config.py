@@ -13,13 +13,14 @@ from ..errors import MixerNASError
 from ..latency.budget import format_ms
 
 EVALUATORS = ("train", "zero-cost")
+SAMPLERS = ("tpe", "nsga2", "random")
 OBJECTIVES = ("accuracy", "pareto")
 BACKENDS = ("optuna", "ray", "nni")
 
 # Settings that define *what* is searched: a results folder holds one such search; the others (trials,
 # timeout, workers, ...) may change between runs that resume it.
 IDENTITY_FIELDS = ("budget_ms", "space", "data", "input_size", "batch_size", "evaluator", "epochs", "objective",
-                   "seed", "device")
+                   "sampler", "seed", "device")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SearchConfig:
     epochs: int | None = None  # training epochs per trial; None = the evaluator's default
     final_epochs: int | None = None  # epochs to train the winner; None = 4x the trial epochs
     objective: str = "accuracy"  # "accuracy" (TPE under the latency constraint) or "pareto" (NSGA-II)
+    sampler: str | None = None  # None = TPE for accuracy, NSGA-II for pareto; "random" is the baseline sampler
     backend: str = "optuna"  # "optuna", "ray" (Ray Tune) or "nni"
     storage: str | None = None  # Optuna storage URL; None = SQLite inside the output folder
     study_name: str | None = None  # None = derived from the output folder name
@@ -53,7 +55,8 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.budget_ms, (int, float)) or not self.budget_ms > 0:
             raise MixerNASError(f"the latency budget must be a positive number of milliseconds, got {self.budget_ms!r}")
-        for name, choices in (("evaluator", EVALUATORS), ("objective", OBJECTIVES), ("backend", BACKENDS)):
+        for name, choices in (("evaluator", EVALUATORS), ("objective", OBJECTIVES), ("backend", BACKENDS),
+                              ("sampler", SAMPLERS + (None,))):
             if getattr(self, name) not in choices:
                 raise MixerNASError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
         for name in ("trials", "batch_size", "workers"):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 from ..arch import Arch
 from ..errors import MixerNASError
 from ..latency import InputSpec, format_ms, measure_many
-from ..space import ChoiceSpace, get_space
+from ..space import get_space
 from . import plots
 from .candidate import CandidateRunner, Outcome, arch_model
 from .config import SearchConfig, load_saved_config

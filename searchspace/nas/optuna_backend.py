@@ -30,13 +30,18 @@ def create_study(config: SearchConfig) -> optuna.Study:
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message=".*constraints_func.*", category=FutureWarning)
-    if config.objective == "pareto":
+    name = config.sampler or ("nsga2" if config.objective == "pareto" else "tpe")
+    if name == "random":
+        sampler = optuna.samplers.RandomSampler(seed=config.seed)
+    elif name == "nsga2":
         sampler = optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=_constraints, population_size=16)
-        directions = ["maximize", "minimize"]
-        pruner = optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
     else:
         sampler = optuna.samplers.TPESampler(seed=config.seed, constraints_func=_constraints, n_startup_trials=10,
                                              multivariate=True, group=True)
+    if config.objective == "pareto":
+        directions = ["maximize", "minimize"]
+        pruner = optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
+    else:
         directions = ["maximize"]
         pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
     try:

@@ -740,8 +740,6 @@ def _connect(config: SearchConfig, echo: Callable[[str], None]) -> bool:
     package = Path(searchspace.__file__).resolve().parent
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
                                "namespace": NAMESPACE}
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # verbose=0 is then silent
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "60")
     if config.ray_address:
         # the cluster's workers get this very package (and its registered mixers and spaces) from the driver
         options["runtime_env"] = {"py_modules": [str(package)]}
