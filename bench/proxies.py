@@ -11,7 +11,8 @@ The trained accuracy is itself noisy (a few hundred validation images, a few epo
 given every architecture is trained a second time with another seed: ``train_seed_rho``, the rank correlation of
 the two trainings, is the ceiling any proxy can reach against this target.
 
-The last line is ``key=value`` figures. About 15-25 minutes with the defaults on one CPU thread.
+The last line is ``key=value`` figures. About 10-20 minutes with the defaults on one idle CPU thread (40 minutes
+when other work shares the cores).
 
     python bench/proxies.py                       # 30 archs of the default space, 3 epochs, seed 0
     python bench/proxies.py --archs 10 --epochs 1 --no-repeat
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         rho_loss = _rho(neg_losses, scores)[0]
         figures[f"{name}_rho"] = f"{rho:.3f}"
         loss_figures[f"{name}_rho_loss"] = f"{rho_loss:.3f}"
-        verdict = "(baseline)" if name == "params" else ("yes" if rho > params_rho else "no")
+        verdict = _verdict(rho, p, params_rho) if name != "params" else "(baseline)"
         print(f"{name:<10} {rho:>6.3f} {p:>8.3g} {rho_loss:>10.3f} {proxy_seconds[name] / len(rows):>8.3f}  {verdict}")
     if not args.no_repeat:
         rho, p = _rho(accuracies, [r[1].accuracy for r in rows])
@@ -150,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
     return 0
+
+
+def _verdict(rho: float, p: float, params_rho: float) -> str:
+    # a higher rho that could be chance (p >= 0.05 with ~30 points: |rho| < ~0.36) is not a win
+    if p >= 0.05:
+        return "no (rho not significant)"
+    return "yes" if rho > params_rho else "no"
 
 
 def _rho(a: list[float], b: list[float]) -> tuple[float, float]:
