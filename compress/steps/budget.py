@@ -33,8 +33,10 @@ def measure_ms(model: nn.Module, ctx: StepContext) -> float:
     override = ctx.state.get("measure_ms")
     if override is not None:
         return float(override(model, ctx))
+    from .measure import options  # the run's measurement settings (rounds, warm-up)
+
     spec = ctx.input_spec or DEFAULT_INPUT
-    return measure_latency(model, spec, device=ctx.device, threads=ctx.threads).value_ms
+    return measure_latency(model, spec, device=ctx.device, threads=ctx.threads, **options(ctx).kwargs()).value_ms
 
 
 def ratio_steps(step_ratio: float, max_ratio: float) -> list[float]:
@@ -65,12 +67,9 @@ def ratio_steps(step_ratio: float, max_ratio: float) -> list[float]:
 def fit_budget(ctx: StepContext, target: str, step_ratio: float = 0.1, max_ratio: float = 0.9,
                importance: str = "magnitude", global_pruning: bool = False, round_to: int = 8,
                ignore: list[str] | tuple[str, ...] = (), distill_epochs: int = 0) -> dict[str, Any]:
-    try:
-        budget = parse_budget(target)
-    except MixerNASError as exc:
-        raise RecipeError(f"fit_budget.target: {exc}") from None
-    if step_ratio > max_ratio:
-        raise RecipeError(f"fit_budget: step_ratio {step_ratio} is above max_ratio {max_ratio}")
+    if problem := _check(dict(target=target, step_ratio=step_ratio, max_ratio=max_ratio)):
+        raise RecipeError(f"fit_budget: {problem}")
+    budget = parse_budget(target)
     original = copy.deepcopy(ctx.model)
     base = measure_ms(ctx.model, ctx)
     steps = [{"ratio": 0.0, "latency_ms": round(base, 4)}]
@@ -97,6 +96,20 @@ def fit_budget(ctx: StepContext, target: str, step_ratio: float = 0.1, max_ratio
     if distill_epochs > 0:
         result["distill"] = _distill(ctx, original, distill_epochs)
     return result
+
+
+def _check(params: dict[str, Any]) -> str | None:
+    """Rules checked when a recipe is validated: a parsable target, step_ratio <= max_ratio."""
+    try:
+        parse_budget(params.get("target"))
+    except MixerNASError as exc:
+        return f"target: {exc}"
+    if params.get("step_ratio", 0.1) > params.get("max_ratio", 0.9):
+        return f"step_ratio {params['step_ratio']} is above max_ratio {params['max_ratio']}"
+    return None
+
+
+fit_budget.check = _check
 
 
 def _distill(ctx: StepContext, teacher: nn.Module, epochs: int) -> dict[str, Any] | None:

@@ -7,7 +7,7 @@ models and on timm's MetaFormers (PoolFormerV2, ConvFormer, CAFormer) and ViTs (
 
     from compress.steps.channel import prune_channels
     figures = prune_channels(model, torch.randn(1, 3, 224, 224), ratio=0.5)
-    figures["params_after"] / figures["params_before"]   # about 0.27 for convformer_s18
+    figures["params_after"] / figures["params_before"]   # 0.26 for convformer_s18 (10 classes)
 
 **Attention heads.** The inner width of each attention module whose head layout is known
 (:func:`compress.pruning_timm.attention_layouts`) is not left to torch-pruning: torch-pruning 1.6 rounds a
@@ -247,7 +247,30 @@ def prune_channels(
     }
 
 
+def _stage_index(key: Any) -> int | None:
+    index = int(key) if isinstance(key, str) and key.strip().isdigit() else key
+    return index if isinstance(index, int) and not isinstance(index, bool) and index >= 0 else None
+
+
+def _check(params: Mapping[str, Any]) -> str | None:
+    """What is wrong with these parameters before any model is seen (run when a recipe is validated), or None."""
+    ignore = params.get("ignore", ())
+    if isinstance(ignore, str) or not isinstance(ignore, (list, tuple)) or not all(isinstance(p, str) for p in ignore):
+        return f"ignore must be a list of layer-name patterns (strings), got {ignore!r}"
+    stage_ratios = params.get("stage_ratios") or {}
+    if not isinstance(stage_ratios, Mapping):
+        return f"stage_ratios must be a mapping {{stage index: ratio}}, got {stage_ratios!r}"
+    for key, value in stage_ratios.items():
+        if _stage_index(key) is None:
+            return f"stage_ratios: {key!r} is not a stage index (0, 1, ...)"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            return f"stage_ratios.{key}: ratio must be a number in [0, 1), got {value!r}"
+    return None
+
+
 def _stage_ratio_dict(model: nn.Module, stage_ratios: Mapping[Any, float]) -> dict[tuple[nn.Module, ...], float]:
+    if problem := _check({"stage_ratios": stage_ratios}):
+        raise RecipeError(problem)
     if not stage_ratios:
         return {}
     stages = stage_modules(model)
@@ -256,11 +279,9 @@ def _stage_ratio_dict(model: nn.Module, stage_ratios: Mapping[Any, float]) -> di
                           "use ratio")
     out = {}
     for key, value in stage_ratios.items():
-        index = int(key) if isinstance(key, str) and key.lstrip("-").isdigit() else key
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(stages):
+        index = _stage_index(key)
+        if index >= len(stages):
             raise RecipeError(f"stage_ratios: stage {key!r} does not exist; the model has stages 0-{len(stages) - 1}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise RecipeError(f"stage_ratios.{key}: ratio must be a number in [0, 1), got {value!r}")
         # only the stage's own conv/linear layers: a norm at the start of its downsampling carries the previous
         # stage's channels, and torch-pruning would give that stage this ratio
         layers = tuple(m for m in stages[index].modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
@@ -392,8 +413,8 @@ def channel_prune(ctx: StepContext, ratio: float = 0.5, importance: str = "magni
                   stage_ratios: Mapping[Any, float] | None = None, round_to: int = 8, ignore: Sequence[str] = (),
                   taylor_batches: int = 4, batch_size: int = 32) -> dict[str, Any]:
     _check_no_token_wrappers(ctx.model)
-    if isinstance(ignore, str) or not all(isinstance(p, str) for p in ignore):
-        raise RecipeError(f"ignore must be a list of layer-name patterns, got {ignore!r}")
+    if problem := _check({"ignore": ignore, "stage_ratios": stage_ratios}):
+        raise RecipeError(problem)
     batches = _taylor_batches(ctx, taylor_batches, batch_size) if importance == "taylor" else None
     figures = prune_channels(ctx.model, example_input(ctx), ratio=ratio, importance=importance,
                              global_pruning=global_pruning, stage_ratios=stage_ratios, round_to=round_to,
@@ -404,6 +425,8 @@ def channel_prune(ctx: StepContext, ratio: float = 0.5, importance: str = "magni
             f"({kept:.0%} kept), widths {figures['widths_before']} -> {figures['widths_after']}")
     return figures
 
+
+channel_prune.check = _check  # run by compress.recipe when a recipe is validated
 
 __all__ = ["IMPORTANCES", "channel_prune", "classifier_layers", "head_shape", "kept_head_channels",
            "make_importance", "prune_channels", "stage_widths"]

@@ -25,8 +25,10 @@ Which blocks are attention blocks is declared, never guessed: for our models the
 ``warmup_steps`` training steps. The shared :class:`KeepSchedule` counts one step per training-mode forward pass
 of the model (so a finetune or distill loop advances it without knowing about it) and is also left in
 ``ctx.state["token_schedule"]``: a loop that wants exact control calls ``schedule.set_step(global_step)``.
-Evaluation uses the rate reached so far. The step's parameters are left in ``ctx.state["token_prune"]`` /
-``ctx.state["token_merge"]`` so a saved model can be re-wrapped after reloading (:func:`apply_token_pruning`).
+Evaluation uses the rate reached so far.
+
+**Saving.** The wrappers are recorded as a structural change (:func:`compress.saving.record_rebuild`), so
+``compress.save``/``compress.load`` re-wrap a reloaded model (with any warm-up finished).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..saving import record_rebuild, register_rebuild
 from . import Param, RecipeError, StepContext, register_step
 
 # ------------------------------------------------------------------------------------------- the algorithm (pure)
@@ -238,7 +241,7 @@ class TokenPruning(TokenSequence):
                  rates: Sequence[float] | None = None, score: str = "attention", owner: bool = False, **config: Any):
         super().__init__(*modules, **config)
         self.schedule = schedule or KeepSchedule(1.0)
-        self.rates = tuple(rates) if rates else None  # per reduction point, as a fraction of the schedule's target
+        self.rates = tuple(rates) if rates else None  # one keep rate per reduction point (target = their minimum)
         self.score = score
         self.owner = owner  # this sequence advances the shared schedule once per training forward
 
@@ -499,6 +502,8 @@ def apply_token_pruning(model: nn.Module, keep_rate: float | Sequence[float] = 0
                                prefix=run.prefix, restore=run.restore, attention=run.attention, schedule=schedule,
                                rates=rates, score=score, owner=n == 0)
         setattr(run.parent, run.name, wrapper.train(run.blocks.training))
+    record_rebuild(model, "token_prune", dict(keep_rate=rates or target, stages=_plain(stages), blocks=_plain(blocks),
+                                              score=score, warmup_steps=int(warmup_steps)))
     return schedule
 
 
@@ -522,6 +527,24 @@ def apply_token_merging(model: nn.Module, r: int, *, stages: Sequence[int] | Non
                                prefix=run.prefix, restore=run.restore, attention=run.attention, r=r,
                                proportional=proportional)
         setattr(run.parent, run.name, wrapper.train(run.blocks.training))
+    record_rebuild(model, "token_merge", dict(r=r, stages=_plain(stages), blocks=_plain(blocks),
+                                              proportional_attention=bool(proportional_attention)))
+
+
+def _plain(values: Sequence[int] | None) -> list[int] | None:
+    return None if values is None else [int(v) for v in values]
+
+
+@register_rebuild("token_prune")
+def _rebuild_pruning(model: nn.Module, config: dict[str, Any]) -> None:
+    """On a reloaded model: the same wrappers, with any keep-rate warm-up finished (a saved model is trained)."""
+    schedule = apply_token_pruning(model, **config)
+    schedule.set_step(schedule.warmup_steps)
+
+
+@register_rebuild("token_merge")
+def _rebuild_merging(model: nn.Module, config: dict[str, Any]) -> None:
+    apply_token_merging(model, **config)
 
 
 def remove_token_reduction(model: nn.Module) -> None:
@@ -536,13 +559,31 @@ def remove_token_reduction(model: nn.Module) -> None:
 
 
 def _int_list(value: Any, name: str) -> list[int] | None:
-    if value is None:
+    if problem := _list_problem(value, name):
+        raise RecipeError(problem)
+    return None if value is None else list(value)
+
+
+def _list_problem(value: Any, name: str) -> str | None:
+    if value is None or (isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  and v >= 0 for v in value)):
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        raise RecipeError(f"{name} must be a list of integers, got {value!r}")
-    return list(value)
+    return f"{name} must be a list of indices (integers >= 0), got {value!r}"
+
+
+def _check_prune(params: dict[str, Any]) -> str | None:
+    """Rules of ``token_prune`` no single parameter expresses (run when a recipe is validated)."""
+    rates = params.get("keep_rate", 0.7)
+    for r in rates if isinstance(rates, (list, tuple)) else [rates]:
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            return f"keep_rate must be in (0, 1] (or a list of such rates), got {rates!r}"
+    if params.get("schedule") == "warmup" and not params.get("warmup_steps"):
+        return "schedule 'warmup' needs warmup_steps > 0 (the fine-tuning steps it spans)"
+    return _list_problem(params.get("stages"), "stages") or _list_problem(params.get("blocks"), "blocks")
+
+
+def _check_merge(params: dict[str, Any]) -> str | None:
+    return _list_problem(params.get("stages"), "stages") or _list_problem(params.get("blocks"), "blocks")
 
 
 @register_step(
@@ -566,17 +607,19 @@ def _int_list(value: Any, name: str) -> list[int] | None:
 def token_prune(ctx: StepContext, keep_rate: float | list[float] = 0.7, stages: list[int] | None = None,
                 blocks: list[int] | None = None, score: str = "attention", schedule: str = "constant",
                 warmup_steps: int = 0) -> dict[str, Any]:
-    if schedule == "warmup" and warmup_steps <= 0:
-        raise RecipeError("schedule 'warmup' needs warmup_steps > 0 (the fine-tuning steps it spans)")
+    if problem := _check_prune(dict(keep_rate=keep_rate, stages=stages, blocks=blocks, schedule=schedule,
+                                    warmup_steps=warmup_steps)):
+        raise RecipeError(problem)
     sched = apply_token_pruning(ctx.model, keep_rate, stages=_int_list(stages, "stages"),
                                 blocks=_int_list(blocks, "blocks"), score=score,
                                 warmup_steps=warmup_steps if schedule == "warmup" else 0)
     ctx.state["token_schedule"] = sched
-    ctx.state["token_prune"] = dict(keep_rate=keep_rate, stages=stages, blocks=blocks, score=score,
-                                    schedule=schedule, warmup_steps=warmup_steps)
     figures = token_figures(ctx.model)
     ctx.log(f"token_prune: keep {keep_rate} after blocks {figures['reduce_after']} (score: {score}, "
             f"schedule: {schedule})")
+    if figures["scored_by_norm"]:
+        ctx.log(f"token_prune: no fused qkv to score attention after {', '.join(figures['scored_by_norm'])}; "
+                f"feature norms are used there")
     return figures
 
 
@@ -596,16 +639,24 @@ def token_merge(ctx: StepContext, r: int = 8, stages: list[int] | None = None, b
                 proportional_attention: bool = True) -> dict[str, Any]:
     apply_token_merging(ctx.model, r, stages=_int_list(stages, "stages"), blocks=_int_list(blocks, "blocks"),
                         proportional_attention=proportional_attention)
-    ctx.state["token_merge"] = dict(r=r, stages=stages, blocks=blocks, proportional_attention=proportional_attention)
     figures = token_figures(ctx.model)
     ctx.log(f"token_merge: r={r} after blocks {figures['reduce_after']}")
     return figures
 
 
+token_prune.check = _check_prune  # run by compress.recipe when a recipe is validated
+token_merge.check = _check_merge
+
+
 def token_figures(model: nn.Module) -> dict[str, Any]:
-    """Where tokens are reduced: ``{"reduce_after": {"stages.2.blocks": [1, 3, 5], ...}}``."""
+    """Where tokens are reduced (``{"reduce_after": {"stages.2.blocks": [1, 3, 5]}}``), and the reduction points
+    whose attention has no fused ``qkv`` projection to score with, so feature norms are used there instead."""
     names = {m: n for n, m in model.named_modules()}
-    return {"reduce_after": {names[m]: sorted(m.reduce_after) for m in model.modules() if isinstance(m, TokenSequence)}}
+    sequences = [m for m in model.modules() if isinstance(m, TokenSequence)]
+    fallback = [f"{names[m]}.{i}" for m in sequences for i in sorted(m.reduce_after)
+                if getattr(m, "score", "attention") == "attention"
+                and not isinstance(getattr(m._attention.get(i), "qkv", None), nn.Linear)]
+    return {"reduce_after": {names[m]: sorted(m.reduce_after) for m in sequences}, "scored_by_norm": fallback}
 
 
 __all__ = [
