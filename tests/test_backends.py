@@ -39,8 +39,9 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny_config(out: Path, **overrides) -> SearchConfig:
+    # 16x16 digits: every stage still has tokens, and an epoch costs a quarter of the default 32x32
     options = dict(budget_ms=BUDGET_MS, space="tiny", trials=3, evaluator="zero-cost", threads=1, out=str(out),
-                   baselines=False, final_epochs=1, timeout_s=None, workers=2)
+                   baselines=(), final_epochs=1, timeout_s=None, workers=2, input_size=16)
     return SearchConfig(**{**options, **overrides})
 
 
@@ -211,7 +212,7 @@ def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
     try:
-        measurer, _ = ray_backend.get_measurer("cpu")
+        measurer = ray_backend.get_measurer("cpu")
         plain = CandidateRunner(budget_ms=BUDGET_MS, predictor=None, evaluator=None,
                                 data=SimpleNamespace(num_classes=10, in_chans=1),
                                 input_spec=InputSpec(batch=1, channels=1, height=32, width=32), device="cpu",
@@ -219,23 +220,31 @@ def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
         ray.get(measurer.register.remote("test", plain))
 
         @ray.remote(num_cpus=1)
-        def trainer(name: str, flag: str) -> tuple[list, int]:
+        def trainer(name: str, flag: str, hooked: bool) -> tuple[list, int]:
+            """Computes for 8 s holding a lease; records the intervals in which it computed."""
             lease = ray_backend.Lease(measurer, name, active=True)
             x, w = torch.randn(64, 256), torch.randn(256, 256)
-            chunks = []
-            with lease:
+            net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(8)])
+            chunks: list[tuple[float, float]] = []
+            for layer in net:  # a layer's own hooks run after the lease's pause point (a global pre-hook)
+                layer.register_forward_pre_hook(lambda m, a: chunks.append((time.time(), None)))
+                layer.register_forward_hook(lambda m, a, o: chunks.append((chunks.pop()[0], time.time())))
+            with lease, torch.no_grad():
                 Path(flag).touch()
                 end = time.time() + 8
                 while time.time() < end:
-                    lease.pause_point()  # between "batches"
-                    start = time.time()
-                    for _ in range(5):
-                        x @ w
-                    chunks.append((start, time.time()))
+                    if hooked:
+                        net(x)  # pause points: the forward pre-hook the lease installs
+                    else:
+                        lease.pause_point()  # an explicit pause point between "batches"
+                        start = time.time()
+                        for _ in range(5):
+                            x @ w
+                        chunks.append((start, time.time()))
             return chunks, lease.pauses
 
         flags = [cache_dir / f"started-{i}" for i in range(2)]
-        jobs = [trainer.remote(f"trial-{i}", str(f)) for i, f in enumerate(flags)]
+        jobs = [trainer.remote(f"trial-{i}", str(f), hooked=i == 0) for i, f in enumerate(flags)]
         deadline = time.time() + 60
         while not all(f.exists() for f in flags) and time.time() < deadline:
             time.sleep(0.1)
@@ -249,7 +258,7 @@ def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
     assert all(r.value_ms > 0 and r.context.threads == 1 for r in results)
     assert len(sections) == 3
     for chunks, pauses in done:
-        assert pauses >= 1
+        assert pauses >= 1 and len(chunks) > 100
         assert not [c for c in chunks for s in sections if c[0] < s[1] and s[0] < c[1]], "trained while measuring"
 
 
@@ -259,17 +268,26 @@ def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
 def test_ray_search_writes_results_and_resumes(tmp_path, cache_dir):
     out = tmp_path / "ray-run"
     messages: list[str] = []
-    result = run(tiny_config(out, backend="ray"), progress=False, echo=messages.append)
+    result = run(tiny_config(out, backend="ray", trials=2), progress=False, echo=messages.append)
     assert not result.interrupted
-    best = check_results(out, trials=3)
+    best = check_results(out, trials=2)
     assert best["trial"] == result.best["trial"]
     assert list((out / "ray").glob("run-*/trial-*/result.json")), "Tune's own results are kept under out/ray"
     assert any("started a local Ray" in m for m in messages)
 
-    messages.clear()
-    run(tiny_config(out, backend="ray", trials=4), progress=False, echo=messages.append)
-    assert any("3 trials already finished, 1 to run" in m for m in messages)
-    check_results(out, trials=4)
+    import ray
+
+    root = Path(__file__).resolve().parents[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+             runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
+    try:  # the same command again, this time inside a Ray session the caller started (and keeps)
+        messages.clear()
+        run(tiny_config(out, backend="ray", trials=3), progress=False, echo=messages.append)
+        assert ray.is_initialized()
+    finally:
+        ray.shutdown()
+    assert any("2 trials already finished, 1 to run" in m for m in messages)
+    check_results(out, trials=3)
     assert len(list((out / "ray").glob("run-*"))) == 2
 
 
@@ -315,7 +333,8 @@ def test_nni_search_writes_results_and_resumes(tmp_path, cache_dir):
     messages: list[str] = []
     run(tiny_config(out, backend="nni", workers=1, trials=5), progress=False, echo=messages.append)
     assert any("3 trials already finished, 2 to run" in m for m in messages)
-    rows = check_results(out, trials=5) and read_rows(out)
+    check_results(out, trials=5)
+    rows = read_rows(out)
     params = [tuple(sorted((k, v) for k, v in r.items() if k.startswith("param.") and v)) for r in rows]
     assert len(set(params)) == 5, "the resumed evolution proposed a candidate again"
 

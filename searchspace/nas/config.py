@@ -71,6 +71,9 @@ class SearchConfig:
             raise MixerNASError(f"--input-size must be at least 8 pixels, got {self.input_size}")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise MixerNASError(f"--timeout must be a positive number of seconds, got {self.timeout_s!r}")
+        if self.backend == "nni" and self.objective == "pareto":
+            raise MixerNASError("the NNI backend searches one objective; use --objective accuracy, or --backend "
+                                "optuna/ray for the Pareto front")
         if self.baselines is not None:
             from ..presets import preset_spec
 

@@ -147,6 +147,8 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
 
     if config.workers > 1:
         echo("NNI evaluates one candidate at a time here (its sequential engine); --workers is ignored")
+    if config.sampler:
+        echo(f"NNI's regularised evolution chooses the candidates; --sampler {config.sampler} is ignored")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(config)
     stale = fail_stale_trials(study)

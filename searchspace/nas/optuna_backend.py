@@ -162,7 +162,7 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
     if done:
         echo(f"resuming study {config.name!r}: {done} trials already finished, {remaining} to run")
     if remaining:
-        _enqueue_presets_in_space(study, space, done)
+        _enqueue_presets_in_space(study, space, done, remaining)
     metric = "accuracy" if config.evaluator == "train" else "score"
     best = [_best_feasible(study, metric, config.budget_ms)]
     bar = tqdm(total=remaining, disable=not progress, unit="trial", dynamic_ncols=True,
@@ -203,13 +203,15 @@ def _best_feasible(study: optuna.Study, metric: str, budget_ms: float) -> float 
     return max(values) if values else None
 
 
-def _enqueue_presets_in_space(study: optuna.Study, space, done: int) -> None:
+def _enqueue_presets_in_space(study: optuna.Study, space, done: int, remaining: int) -> None:
     """Presets that are points of the space start the study: the search begins from the hand-designed models."""
     if done:
         return
     from ..presets import list_presets, preset
 
+    queued = 0
     for name in list_presets():
         params = space.params_of(preset(name))
-        if params:
+        if params and queued < remaining:
             study.enqueue_trial(params, user_attrs={"preset": name}, skip_if_exists=True)
+            queued += 1

@@ -26,9 +26,10 @@ numbers that are off by 2-40x on a small machine. So:
   process-wide forward pre-hook installed only inside Ray trial processes: that is between and within batches),
   after every epoch, around every ``tune.report`` and while they wait for their own measurement. A paused trial
   waits inside the gate and resumes when the measurement is over.
-* A lease whose process has died (a trial killed by ASHA, out of memory, a crash) is dropped by the gate (the
-  lease records the holder's pid; leases exist only on the measuring node). A measurement that cannot get the
-  processor within ``GATE_TIMEOUT_S`` fails its trial with a message instead of hanging the search.
+* A lease whose process has died (out of memory, a crash) is dropped by the gate: the lease records the holder's
+  pid (leases exist only on the measuring node). ASHA stops a trial inside ``tune.report``, where it holds no
+  lease. A measurement that cannot get the processor within ``GATE_TIMEOUT_S`` fails its trial with a message
+  instead of hanging the search. Each trial's ``result.json`` counts its pauses (``gate_pauses``).
 
 Trials on other nodes of a cluster do not load the measuring node's processor and take no lease. The driver's own
 bookkeeping (Tune's loop, sampling the next candidate) is not gated: it is light and brief.
@@ -79,6 +80,7 @@ SAMPLE_ERROR_KEY = "_sample_error"  # the space could not produce a candidate; t
 PAUSE_POLL_S = 0.2  # how often a training trial asks whether a measurement is waiting
 GATE_TIMEOUT_S = 600.0  # a measurement gives up (its trial fails) if trials do not make way for this long
 DEAD_CHECK_S = 1.0  # how often a waiting measurement checks that lease holders are still alive
+MEASURER_GPU_SHARE = 0.1  # on CUDA, the GPU share the measuring actor reserves; trials share the rest
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +249,9 @@ def _measurer_class():
 
         @ray.method(concurrency_group="gate")
         def register(self, key: str, runner: CandidateRunner) -> str:
+            """Take a search's measuring settings and table; returns this actor's node (where leases matter)."""
             self.searches[key] = runner
-            return os.uname().nodename
+            return ray.get_runtime_context().get_node_id()
 
         @ray.method(concurrency_group="gate")
         def unregister(self, key: str) -> dict[str, Any]:
@@ -285,7 +288,11 @@ def _measurer_class():
 
 
 def get_measurer(device: str):
-    """The measuring actor for ``device`` on this (the driver's) node: created once, shared by later calls."""
+    """The measuring actor for ``device`` on this (the driver's) node.
+
+    Created on first use and found by name afterwards, so searches on the same machine share it (and never measure
+    at the same time). It belongs to the driver that created it and ends with that driver.
+    """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -300,10 +307,7 @@ def get_measurer(device: str):
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
     if device.startswith("cuda"):
         options["num_gpus"] = MEASURER_GPU_SHARE
-    return _measurer_class().options(**options).remote(), node_id
-
-
-MEASURER_GPU_SHARE = 0.1  # the GPU share the measuring actor reserves; trials share the rest
+    return _measurer_class().options(**options).remote()
 
 
 # --------------------------------------------------------------------------------------- trial side
@@ -382,19 +386,21 @@ class RayCandidateRunner(CandidateRunner):
     candidate in flight, so a trial that ASHA stops still records its latency, size and accuracy so far.
     """
 
-    def __init__(self, base: CandidateRunner, *, measurer, key: str, node_id: str | None):
+    def __init__(self, base: CandidateRunner, *, measurer, key: str):
         self.__dict__.update(base.__dict__)
-        self.measurer, self.key, self.node_id = measurer, key, node_id
+        self._base_fields = tuple(base.__dict__)
+        self.measurer, self.key = measurer, key
+        self.node_id: str | None = None  # the measuring actor's node (set from its answer to ``register``)
         self.lease: Lease | None = None
         self.partial: dict[str, Any] = {}
         self._arch: Arch | None = None
         self._started = time.perf_counter()
 
     def start_trial(self, holder: str) -> Lease:
+        """A lease for this trial: active only on the measuring actor's node (elsewhere it does not load it)."""
         import ray
 
-        here = _node_id(ray)
-        self.lease = Lease(self.measurer, holder, active=self.node_id is None or here == self.node_id)
+        self.lease = Lease(self.measurer, holder, active=self.node_id is None or _node_id(ray) == self.node_id)
         self.partial = {}
         self._started = time.perf_counter()
         return self.lease
@@ -446,8 +452,7 @@ class RayCandidateRunner(CandidateRunner):
         from types import SimpleNamespace
 
         plain = CandidateRunner.__new__(CandidateRunner)
-        plain.__dict__.update({k: v for k, v in self.__dict__.items()
-                               if k in ("budget_ms", "predictor", "input_spec", "device", "measure_rounds")})
+        plain.__dict__.update({k: getattr(self, k) for k in self._base_fields if k not in ("evaluator", "data")})
         plain.threads = threads
         plain.data = SimpleNamespace(num_classes=self.data.num_classes, in_chans=self.data.in_chans)
         plain.evaluator = None
@@ -494,7 +499,7 @@ def _trial(config: dict[str, Any], runner: RayCandidateRunner) -> None:
         final = {"state": outcome.state, "objective": outcome.objective, "accuracy": _finite(outcome.accuracy),
                  "epoch": outcome.epochs or 0, "latency_ms": latency if latency is not None else math.inf,
                  "outcome": json.dumps(outcome.to_attrs())}
-    tune.report({**final, "gate_pauses": lease.pauses})  # pauses: in Tune's result.json, for the curious
+    tune.report({**final, "gate_pauses": lease.pauses})
 
 
 def _final_failed(error: str, partial: dict[str, Any]) -> dict[str, Any]:
@@ -572,7 +577,7 @@ def _make_searcher(study: optuna.Study, space, config: SearchConfig, *, deadline
 def _record_result(ot_trial: optuna.trial.Trial, result: dict | None, error: bool, budget_ms: float,
                    pareto: bool) -> tuple[TrialState, Any]:
     """Store the trial's outcome in its user attributes; returns the state and values to tell Optuna."""
-    arch = ot_trial.user_attrs.get("arch") if hasattr(ot_trial, "user_attrs") else None
+    arch = ot_trial.user_attrs.get("arch")
     if error or not result:
         ot_trial.set_user_attr("state", "failed")
         ot_trial.set_user_attr("error", "the trial's process stopped outside the candidate evaluation (see "
@@ -627,11 +632,9 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
     """Run the missing trials of the study on Ray Tune; returns (rows of all finished trials, interrupted?)."""
     try:
         import ray
-        from ray import tune
-        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+        import ray.tune  # noqa: F401
     except ImportError as exc:
         raise MixerNASError(f"--backend ray needs Ray Tune: pip install 'ray[tune]' ({exc})") from None
-    from tqdm.auto import tqdm
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(config)
@@ -645,6 +648,29 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
     if not remaining:
         return trial_rows(study), False
     _enqueue_presets_in_space(study, space, done)
+
+    started = time.perf_counter()
+    started_ray = _connect(config, echo)
+    try:
+        interrupted = _tune(config, space, runner, study, remaining, progress, echo)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        if started_ray:
+            ray.shutdown()
+    if not interrupted:
+        ran = len(study.get_trials(deepcopy=False, states=FINISHED)) - done
+        echo(f"{ran} trials in {time.perf_counter() - started:.0f} s on Ray (Tune's own results in "
+             f"{config.out_dir / 'ray'})")
+    return trial_rows(study), interrupted
+
+
+def _tune(config: SearchConfig, space, runner: CandidateRunner, study: optuna.Study, remaining: int,
+          progress: bool, echo: Callable[[str], None]) -> bool:
+    """One Tune experiment of ``remaining`` trials in ``<out>/ray/run-<time>``; returns whether it was interrupted."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from tqdm.auto import tqdm
 
     metric = "accuracy" if config.evaluator == "train" else "score"
     best = [_best_feasible(study, metric, config.budget_ms)]
@@ -660,61 +686,62 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
         bar.update(1)
         bar.set_postfix_str(f"best {metric} {best[0]:.3f}" if best[0] is not None else f"last: {ua.get('state')}")
 
-    started_ray = _connect(config, echo)
     key = f"{config.name}-{os.getpid()}-{time.time_ns()}"
-    measurer = None
-    interrupted = False
-    started = time.perf_counter()
-    try:
-        measurer, node_id = get_measurer(runner.device)
-        ray_runner = RayCandidateRunner(runner, measurer=measurer, key=key, node_id=node_id)
-        _get(measurer.register.remote(key, ray_runner.for_actor(threads=_measure_threads(runner))))
+    measurer = get_measurer(runner.device)
+    ray_runner = RayCandidateRunner(runner, measurer=measurer, key=key)
+    ray_runner.node_id = _get(measurer.register.remote(key, ray_runner.for_actor(_measure_threads(runner))))
 
-        deadline = time.monotonic() + config.timeout_s if config.timeout_s else None
-        searcher = _make_searcher(study, space, config, deadline=deadline, on_finished=on_finished)
-        epochs = getattr(runner.evaluator, "epochs", None)
-        if config.objective == "accuracy" and config.evaluator == "train" and epochs:
-            # rungs at epochs 1, 2, 4, ... below the last; the last epoch is reported once, with the outcome
-            scheduler = ASHAScheduler(time_attr="epoch", metric="accuracy", mode="max", max_t=epochs,
-                                      grace_period=1, reduction_factor=2)
-        else:
-            scheduler = FIFOScheduler()
-        resources = {"cpu": 1}
-        if runner.device.startswith("cuda"):
-            resources["gpu"] = (1 - MEASURER_GPU_SHARE) / config.workers
-        trainable = tune.with_resources(tune.with_parameters(_trial, runner=ray_runner), resources)
-        storage = (config.out_dir / "ray").resolve()
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
-                                        max_concurrent_trials=config.workers, reuse_actors=True,
-                                        trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=time.strftime("run-%Y%m%d-%H%M%S"), storage_path=str(storage),
-                                      verbose=0, failure_config=tune.FailureConfig(max_failures=0),
-                                      log_to_file=True),
-        )
-        try:
+    deadline = time.monotonic() + config.timeout_s if config.timeout_s else None
+    searcher = _make_searcher(study, space, config, deadline=deadline, on_finished=on_finished)
+    epochs = getattr(runner.evaluator, "epochs", None)
+    if config.objective == "accuracy" and config.evaluator == "train" and epochs:
+        # rungs at epochs 1, 2, 4, ... below the last; the last epoch is reported once, with the outcome
+        scheduler = ASHAScheduler(time_attr="epoch", metric="accuracy", mode="max", max_t=epochs, grace_period=1,
+                                  reduction_factor=2)
+    else:  # Pareto (Optuna cannot prune multi-objective trials either) and proxies (no epochs)
+        scheduler = FIFOScheduler()
+    resources = {"cpu": 1}
+    if runner.device.startswith("cuda"):
+        resources["gpu"] = (1 - MEASURER_GPU_SHARE) / config.workers
+    tuner = tune.Tuner(
+        tune.with_resources(tune.with_parameters(_trial, runner=ray_runner), resources),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=remaining,
+                                    max_concurrent_trials=config.workers, reuse_actors=True,
+                                    trial_dirname_creator=_trial_dirname),
+        run_config=tune.RunConfig(name=time.strftime("run-%Y%m%d-%H%M%S"),
+                                  storage_path=str((config.out_dir / "ray").resolve()), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=0)),
+    )
+    interrupted = False
+    try:
+        with _env(RAY_AIR_NEW_OUTPUT="0"):  # Tune's newer console output prints tables even at verbose=0
             tuner.fit()
-        except KeyboardInterrupt:
-            interrupted = True
-        # Tune handles the first Ctrl-C itself (stops the trials, returns); what is missing tells it apart
-        interrupted = interrupted or (searcher.told < remaining and not searcher.finished_by_deadline)
     except KeyboardInterrupt:
         interrupted = True
     finally:
         bar.close()
-        if measurer is not None and not interrupted:
-            with contextlib.suppress(Exception):
-                stats = _get(measurer.unregister.remote(key))
-                if stats["dropped"]:
-                    echo(f"latency gate: dropped the leases of {len(stats['dropped'])} trial(s) whose process died")
-        if started_ray:
-            ray.shutdown()
-    ran = len(study.get_trials(deepcopy=False, states=FINISHED)) - done
+    # Tune handles the first Ctrl-C itself (stops its trials and returns): trials then are missing
+    interrupted = interrupted or (searcher.told < remaining and not searcher.finished_by_deadline)
     if not interrupted:
-        echo(f"{ran} trials in {time.perf_counter() - started:.0f} s on Ray (results of Tune in "
-             f"{config.out_dir / 'ray'})")
-    return trial_rows(study), interrupted
+        stats = _get(measurer.unregister.remote(key))
+        if stats["dropped"]:
+            echo(f"latency gate: dropped the leases of {len(stats['dropped'])} trial(s) whose process died")
+    return interrupted
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment variables set for the duration of the block, then restored."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _measure_threads(runner: CandidateRunner) -> int:
@@ -748,7 +775,9 @@ def _connect(config: SearchConfig, echo: Callable[[str], None]) -> bool:
         except Exception as exc:
             raise MixerNASError(f"cannot join the Ray cluster at {config.ray_address!r}: "
                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; check "
-                                f"--ray-address (e.g. auto, or host:6379)") from None
+                                f"--ray-address (e.g. auto, or host:6379); a cluster with token authentication "
+                                f"also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
+                                f"~/.ray/auth_token)") from None
         echo(f"joined the Ray cluster at {config.ray_address} ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
     else:
         paths = [str(package.parent), os.getcwd(), os.environ.get("PYTHONPATH", "")]
