@@ -8,10 +8,10 @@
 """
 
 from .arch import Arch, Blocks, FrozenArgs, Stage
+from .data import DataBundle, load_data
 from .errors import InvalidArchError, MixerNASError, UnknownNameError
 from .mixers import MixerSpec, create_mixer, get_mixer, list_mixers, register_mixer, unregister_mixer
 from .model import MetaFormerNet, build_model, resolve_arch
-from .data import DataBundle, load_data
 from .nas import SearchConfig, SearchResult, load_model, search
 from .presets import list_presets, preset, preset_spec, register_preset
 from .space import ChoiceSpace, SearchSpace, StageChoices, get_space, list_spaces, register_space
