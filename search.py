@@ -107,14 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     if result.interrupted:
         return 130
     best = result.best
+    metric = "accuracy" if config.evaluator == "train" else "score"
     print(f"best: {best['summary']}")
-    print(f"      accuracy {best['accuracy']:.4f}, measured {format_ms(best['latency_ms'])} "
-          f"<= budget {format_ms(best['budget_ms'])} on {best['device_name']} ({best['device']})")
-    fitting = [b for b in result.baselines if b["state"] == "complete"]
-    for b in sorted(fitting, key=lambda b: -(b.get("accuracy") or b.get("score") or 0)):
-        metric = "accuracy" if b.get("accuracy") is not None else "score"
-        print(f"      preset {b['name']}: {metric} {b[metric]:.4f} at {format_ms(b['measured_ms'])}")
-    print(f"results: {result.out_dir}/ (report.md, trials.csv, best.json, best/)")
+    print(f"      validation accuracy {best['accuracy']:.4f} after {best['final_epochs']} epochs; measured "
+          f"{format_ms(best['latency_ms'])} <= budget {format_ms(best['budget_ms'])} on {best['device_name']} "
+          f"({best['device']}, {best['threads']} thread(s), {best['input_size']}x{best['input_size']}, batch "
+          f"{best['batch_size']})")
+    rows = [(f"winner (trial {best['trial']})", best["search_" + metric], best["latency_ms"], best.get("params"))]
+    rows += [(b["name"], b[metric], b["measured_ms"], b.get("params")) for b in result.baselines
+             if b["state"] == "complete"]
+    print(f"\n{'model':28s} {metric + ' (same evaluator)':>26s} {'latency':>10s} {'params':>11s}")
+    for name, value, ms, params in sorted(rows, key=lambda r: -(r[1] or 0)):
+        print(f"{name:28s} {value:26.4f} {format_ms(ms):>10s} {params or 0:11,d}")
+    if len(rows) == 1:
+        print("(no preset fits the budget at this input)")
+    print(f"\nresults: {result.out_dir}/ (report.md, trials.csv, best.json, best/)")
     return 0
 
 
