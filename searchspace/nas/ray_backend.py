@@ -647,7 +647,7 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
         echo(f"resuming study {config.name!r}: {done} trials already finished, {remaining} to run")
     if not remaining:
         return trial_rows(study), False
-    _enqueue_presets_in_space(study, space, done)
+    _enqueue_presets_in_space(study, space, done, remaining)
 
     started = time.perf_counter()
     started_ray = _connect(config, echo)
