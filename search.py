@@ -83,6 +83,24 @@ def _baselines(text: str) -> tuple[str, ...] | None:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
+def _compress_winner(args, result, config) -> int:
+    """Apply the recipe to the winner through the compression CLI: <out>/compressed/ holds the model and report."""
+    from compress.__main__ import main as compress_main
+
+    argv = ["--recipe", args.compress, "--model", str(result.out_dir), "--out", str(result.out_dir / "compressed"),
+            "--device", result.best["device"], "--seed", str(config.seed)]
+    if args.data:
+        argv += ["--data", args.data]
+    if result.best["input_size"]:
+        argv += ["--input-size", str(result.best["input_size"])]
+    if result.best.get("threads"):
+        argv += ["--threads", str(result.best["threads"])]
+    if args.quiet:
+        argv.append("--quiet")
+    print(f"\ncompressing the winner with {args.compress}")
+    return compress_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from searchspace.errors import MixerNASError
@@ -100,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             study_name=args.study_name, out=args.out, seed=args.seed, ray_address=args.ray_address,
             workers=args.workers, baselines=_baselines(args.baselines), compress=args.compress,
         )
+        if args.compress:
+            from compress.recipe import load_recipe
+
+            load_recipe(args.compress)  # a bad recipe fails now, not after the search
         result = run(config, progress=not args.quiet)
     except MixerNASError as exc:
         print(f"search.py: error: {exc}", file=sys.stderr)
@@ -122,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(rows) == 1:
         print("(no preset fits the budget at this input)")
     print(f"\nresults: {result.out_dir}/ (report.md, trials.csv, best.json, best/)")
+    if args.compress:
+        return _compress_winner(args, result, config)
     return 0
 
 

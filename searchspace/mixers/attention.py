@@ -367,7 +367,7 @@ class GPSA(nn.Module):
 
     def _offsets(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``relative_offsets`` as a ``(3, N*N)`` matrix, cached per size outside the state dict (not when traced)."""
-        key = (height, width, device, dtype)
+        key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
         rel = self._offset_cache.get(key)
         if rel is None:
             rel = relative_offsets(height, width, device, dtype).view(-1, 3).t().contiguous()

@@ -172,7 +172,7 @@ class RandomMixing(nn.Module):
         return self._transposed(height, width, torch.device(device or "cpu"), dtype).t()
 
     def _transposed(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (height, width, device, dtype)
+        key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
         matrix = self._cache.get(key)
         if matrix is None:
             matrix = random_mixing_matrix(height, width, self.seed, device).t().contiguous().to(dtype)

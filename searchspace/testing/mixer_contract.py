@@ -72,6 +72,15 @@ class MixerContract:
             assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
             assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
+    def test_trains_after_an_inference_mode_forward(self, make):
+        # latency is measured under inference_mode, then the same model is trained: no cached state may leak
+        mixer = make()
+        x = torch.randn(1, self.dim, 6, 5)
+        with torch.inference_mode():
+            mixer.eval()(x)
+        y = mixer.train()(x.clone().requires_grad_())
+        y.sum().backward()
+
     def test_eval_is_deterministic(self, make):
         mixer = make().eval()
         x = torch.randn(1, self.dim, 9, 7)
