@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 from ..errors import MixerNASError
 from .candidate import CandidateRunner
 from .config import SearchConfig
-from .optuna_backend import FINISHED, _best_feasible, create_study, fail_stale_trials, make_objective, trial_rows
+from .optuna_backend import FINISHED, _best_feasible, make_objective, open_study, trial_rows
 
 SAMPLE_ATTR = "nni_sample"  # the full NNI sample of a trial (the space may not use every decision)
 PROBES = 512  # random walks through a define-by-run space to find its decisions
@@ -149,15 +149,7 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
         echo("NNI evaluates one candidate at a time here (its sequential engine); --workers is ignored")
     if config.sampler:
         echo(f"NNI's regularised evolution chooses the candidates; --sampler {config.sampler} is ignored")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = create_study(config)
-    stale = fail_stale_trials(study)
-    if stale:
-        echo(f"resuming: {stale} trial(s) cut off by an earlier stop are recorded as failed")
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(config.trials - done, 0)
-    if done:
-        echo(f"resuming study {config.name!r}: {done} trials already finished, {remaining} to run")
+    study, done, remaining = open_study(config, echo)
     if not remaining:
         return trial_rows(study), False
 

@@ -145,13 +145,11 @@ def _duration(t: optuna.trial.FrozenTrial) -> float | None:
     return t.duration.total_seconds() if t.duration is not None else None
 
 
-def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress: bool,
-              echo: Callable[[str], None]) -> tuple[list[dict[str, Any]], bool]:
-    """Run the missing trials of the study; returns (rows of all finished trials, interrupted?)."""
-    import time
+def open_study(config: SearchConfig, echo: Callable[[str], None]) -> tuple[optuna.Study, int, int]:
+    """The study, with trials cut off by an earlier stop marked failed; (study, finished, still to run).
 
-    from tqdm.auto import tqdm
-
+    Every backend resumes this way: the study storage is the record of what finished.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = create_study(config)
     stale = fail_stale_trials(study)
@@ -161,6 +159,17 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
     remaining = max(config.trials - done, 0)
     if done:
         echo(f"resuming study {config.name!r}: {done} trials already finished, {remaining} to run")
+    return study, done, remaining
+
+
+def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress: bool,
+              echo: Callable[[str], None]) -> tuple[list[dict[str, Any]], bool]:
+    """Run the missing trials of the study; returns (rows of all finished trials, interrupted?)."""
+    import time
+
+    from tqdm.auto import tqdm
+
+    study, done, remaining = open_study(config, echo)
     if remaining:
         _enqueue_presets_in_space(study, space, done, remaining)
     metric = "accuracy" if config.evaluator == "train" else "score"

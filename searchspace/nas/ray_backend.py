@@ -68,8 +68,7 @@ from .optuna_backend import (
     FINISHED,
     _best_feasible,
     _enqueue_presets_in_space,
-    create_study,
-    fail_stale_trials,
+    open_study,
     record,
     trial_rows,
 )
@@ -636,15 +635,7 @@ def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress:
     except ImportError as exc:
         raise MixerNASError(f"--backend ray needs Ray Tune: pip install 'ray[tune]' ({exc})") from None
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = create_study(config)
-    stale = fail_stale_trials(study)
-    if stale:
-        echo(f"resuming: {stale} trial(s) cut off by an earlier stop are recorded as failed")
-    done = len(study.get_trials(deepcopy=False, states=FINISHED))
-    remaining = max(config.trials - done, 0)
-    if done:
-        echo(f"resuming study {config.name!r}: {done} trials already finished, {remaining} to run")
+    study, done, remaining = open_study(config, echo)
     if not remaining:
         return trial_rows(study), False
     _enqueue_presets_in_space(study, space, done, remaining)
