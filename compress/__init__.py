@@ -18,17 +18,16 @@ other way round.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from searchspace.errors import MixerNASError
+from searchspace.latency.measure import num_threads
 
 from .checkpoint import HEAD_RESET_ATTR, LoadedModel, adapt_to_data, create_model, read_state_dict
 from .recipe import Recipe, as_recipe, load_recipe, recipe_from_dict, recipe_from_yaml
@@ -106,7 +105,7 @@ def apply(recipe: Recipe | str | Path | Mapping[str, Any], model: nn.Module, dat
     if input_spec is None:
         size = data.input_size if data is not None else recipe.input_size or 224
         input_spec = InputSpec(batch=1, channels=channels, height=size, width=size)
-    with _torch_threads(threads):  # training and evaluation too, not only the measurements
+    with num_threads(threads):  # training and evaluation too, not only the measurements
         work = copy.deepcopy(model).to(device)
         ctx = StepContext(model=work, teacher=teacher, data=data, input_spec=input_spec, device=device, threads=threads,
                           arch=getattr(work, "arch", None), model_name=_timm_name(work), log=log)
@@ -154,18 +153,6 @@ def apply(recipe: Recipe | str | Path | Mapping[str, Any], model: nn.Module, dat
                                    "before": before.to_dict(), "after": after.to_dict()}
         report.seconds = time.perf_counter() - start
         return ctx.model.eval(), report
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    """Training and evaluation run with the same thread count as the measurements (restored afterwards)."""
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _note(report: Report, log: Callable[[str], None], note: str) -> None:

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .arch import Arch
 from .data import DataBundle
 from .errors import MixerNASError, UnknownNameError
+from .latency.measure import num_threads
 from .model import build_model
 
 Report = Callable[[int, float], "bool | None"]  # report(epoch, val_accuracy) -> True to prune the trial
@@ -185,7 +186,7 @@ class TrainEvaluator(Evaluator):
         """Like :meth:`evaluate`, and also returns the trained model (in eval mode) to save or train further."""
         start = time.perf_counter()
         device = _device(self.device)
-        with _num_threads(self.threads), _seeded(self.seed, device):
+        with num_threads(self.threads), _seeded(self.seed, device):
             model = build_model(arch, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
             params = sum(p.numel() for p in model.parameters())
             optimizer = torch.optim.AdamW(_param_groups(model, self.weight_decay), lr=self.lr)
@@ -302,19 +303,6 @@ def _batches(dataset: Dataset, batch_size: int,
                         drop_last=shuffle and n >= batch_size)
     for images, labels in loader:
         yield images, torch.as_tensor(labels)
-
-
-@contextlib.contextmanager
-def _num_threads(threads: int | None) -> Iterator[None]:
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextlib.contextmanager
@@ -472,7 +460,7 @@ class ZeroCostEvaluator(Evaluator):
         """The proxy's score of ``arch`` at initialisation; ``report`` is accepted for symmetry and never called."""
         start = time.perf_counter()
         device = _device(self.device)
-        with _num_threads(self.threads), _seeded(self.seed, device):
+        with num_threads(self.threads), _seeded(self.seed, device):
             model = build_model(arch, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
             params = param_count(model)
             if self.proxy == "params":

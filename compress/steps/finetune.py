@@ -53,7 +53,7 @@ def train_model(model: nn.Module, data: Any, loss_fn: Loss, *, epochs: int = 1, 
         _warmup_cosine,
         random_shift,
     )
-    from searchspace.evaluators import _num_threads as num_threads
+    from searchspace.latency.measure import num_threads
 
     start = time.perf_counter()
     per_epoch = _num_batches(len(data.train), batch_size)

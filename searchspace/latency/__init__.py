@@ -28,11 +28,13 @@ from .measure import (
     device_name,
     measure_latency,
     measure_many,
+    num_threads,
     relative_spread,
     resolve_device,
     robust_latency,
     run_rounds,
     summarize,
+    thread_cpu_timer,
 )
 from .table import (
     BlockPart,
@@ -82,6 +84,8 @@ __all__ = [
     "format_ms",
     "measure_latency",
     "measure_many",
+    "num_threads",
+    "thread_cpu_timer",
     "parse_budget",
     "relative_spread",
     "resolve_device",

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     if args.clock == "thread":
         if args.threads != 1 or args.device != "cpu":
             raise MixerNASError("--clock thread measures one CPU thread; add --threads 1 (and --device cpu)")
-        from .table import thread_cpu_timer
+        from .measure import thread_cpu_timer
 
         timer = thread_cpu_timer
     model = build_model(arch, num_classes=args.num_classes, in_chans=args.channels)

@@ -227,6 +227,16 @@ def cuda_timer(fn: Callable[[], Any]) -> float:
     return start.elapsed_time(end)
 
 
+def thread_cpu_timer(fn: Callable[[], Any]) -> float:
+    """CPU time of the calling thread during ``fn()`` in milliseconds: time other processes take is left out.
+
+    Equals the latency for work that runs in the calling thread only (torch with one intra-op thread).
+    """
+    start = time.thread_time_ns()
+    fn()
+    return (time.thread_time_ns() - start) / 1e6
+
+
 def calibrate_runs(warmup_ms: Sequence[float], target_round_ms: float) -> int:
     """Runs per round so that a round lasts about ``target_round_ms``, from the later half of the warm-up timings.
 
@@ -317,7 +327,8 @@ def device_name(device: torch.device | str = "cpu") -> str:
 
 
 @contextlib.contextmanager
-def _num_threads(threads: int | None) -> Iterator[int]:
+def num_threads(threads: int | None) -> Iterator[int]:
+    """Run with ``threads`` torch intra-op threads (None keeps the count); restored afterwards."""
     previous = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -476,7 +487,7 @@ def measure_many(
         for m, s, orig in zip(built, specs, models)
     ]
     with contextlib.ExitStack() as stack:
-        threads_used = stack.enter_context(_num_threads(threads))
+        threads_used = stack.enter_context(num_threads(threads))
         for model in prepared:
             stack.enter_context(_eval_mode(model))
         if dev.type == "cuda":

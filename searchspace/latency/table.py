@@ -38,7 +38,6 @@ import json
 import math
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -54,7 +53,7 @@ from ..blocks import BLOCKS, DOWNSAMPLES, HEADS, STEMS
 from ..errors import MixerNASError
 from ..layers import make_norm
 from ..space import ChoiceSpace, SearchSpace
-from .measure import (
+from .measure import (  # thread_cpu_timer is also imported from here by the benches
     DEFAULT_INPUT,
     InputSpec,
     MeasurementError,
@@ -62,6 +61,7 @@ from .measure import (
     device_name,
     measure_many,
     resolve_device,
+    thread_cpu_timer,
 )
 
 TABLE_FORMAT = 3  # bump when the file layout or the meaning of an entry changes; older files are then ignored
@@ -512,16 +512,6 @@ class PartProtocol:
             return clock
         flush = _cache_flusher()
         return lambda fn: (flush(), clock(fn))[1]
-
-
-def thread_cpu_timer(fn: Callable[[], Any]) -> float:
-    """CPU time of the calling thread during ``fn()`` in milliseconds: time other processes take is left out.
-
-    Equals the latency for work that runs in the calling thread only (torch with one intra-op thread).
-    """
-    start = time.thread_time_ns()
-    fn()
-    return (time.thread_time_ns() - start) / 1e6
 
 
 def l2_cache_bytes() -> int:

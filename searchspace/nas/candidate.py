@@ -81,7 +81,7 @@ class CandidateRunner:
     def timer(self):
         """With one CPU thread, time the measuring thread's CPU time: time other processes take is left out."""
         if self.device == "cpu" and self.threads == 1:
-            from ..latency.table import thread_cpu_timer
+            from ..latency.measure import thread_cpu_timer
 
             return thread_cpu_timer
         return None
