@@ -364,3 +364,41 @@ def test_cuda_measure_many_interleaved():
     results = measure_many([SmallNet(), nn.Identity()], InputSpec(height=32, width=32), device="cuda", warmup=2,
                            rounds=2, runs_per_round=3)
     assert [r.context.device for r in results] == ["cuda:0", "cuda:0"]
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only")
+def test_cpu_measurements_run_without_page_fault_churn():
+    # Large activations must not be mapped fresh on every forward pass (glibc's default above 32 MiB): then a
+    # block timed alone and the same block inside a model would meet different allocator states.
+    import resource
+
+    from searchspace.latency.measure import STEADY_ALLOCATOR, steady_allocator
+
+    result = measure_latency(nn.Identity(), InputSpec(1, 1, 8, 8), threads=1, warmup=1, rounds=1, runs_per_round=1)
+    if not steady_allocator():
+        pytest.skip("not glibc: the allocator is left as it is")
+    assert STEADY_ALLOCATOR in result.context.options
+    big = nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU(), nn.Conv2d(8, 8, 1))  # 8 x 1024 x 1024 floats: 32 MiB each
+    x = torch.randn(1, 8, 1024, 1024)
+    with torch.inference_mode():
+        for _ in range(2):
+            big(x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            big(x)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 1000  # 3 passes of fresh 32 MiB buffers would fault ~24,000 4-KiB pages
+
+
+def test_steady_allocator_can_be_turned_off(monkeypatch):
+    from searchspace.latency import measure as measure_module
+
+    measure_module.steady_allocator.cache_clear()
+    monkeypatch.setenv(measure_module.ALLOCATOR_ENV, "system")
+    try:
+        assert measure_module.steady_allocator() is False
+        result = measure_latency(nn.Identity(), InputSpec(1, 1, 8, 8), threads=1, warmup=1, rounds=1,
+                                 runs_per_round=1)
+        assert measure_module.STEADY_ALLOCATOR not in result.context.options
+    finally:
+        measure_module.steady_allocator.cache_clear()

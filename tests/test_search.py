@@ -175,3 +175,12 @@ def test_python_api_returns_a_result(tmp_path):
     assert isinstance(result.arch, searchspace.Arch)
     assert result.load_model()(torch.randn(1, 1, 16, 16)).shape == (1, 10)
     assert SearchConfig(budget_ms=5.0).out_dir.name == "default-5.00ms"
+
+
+def test_tpe_is_guided_within_the_default_time_budget(tmp_path):
+    # the default search finishes 12-20 trials in its time budget: most of them must be TPE-guided, not random
+    from searchspace.nas.optuna_backend import create_study, tpe_startup_trials
+
+    assert [tpe_startup_trials(n) for n in (12, 16, 40, 60, 500)] == [4, 4, 6, 10, 10]
+    study = create_study(SearchConfig(budget_ms=5.0, trials=40, out=str(tmp_path / "s")))
+    assert study.sampler._n_startup_trials == 6

@@ -64,7 +64,7 @@ from .measure import (  # thread_cpu_timer is also imported from here by the ben
     thread_cpu_timer,
 )
 
-TABLE_FORMAT = 3  # bump when the file layout or the meaning of an entry changes; older files are then ignored
+TABLE_FORMAT = 4  # bump when the file layout or the meaning of an entry changes; older files are then ignored
 CACHE_ENV = "MIXERNAS_CACHE_DIR"
 
 # ------------------------------------------------------------------------------------------------------- parts
