@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from searchspace import cli
+
 EPILOG = """\
 units: the budget is a latency with its unit (5ms, 5 ms, 2.5ms, 500us, 500µs, 0.005s), judged on the
 median-of-rounds latency measured on --device at --batch-size and --input-size. --timeout is in seconds.
@@ -21,13 +23,8 @@ exit status: 0 success, 2 bad input or a budget nothing meets (the message says 
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + error
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="search.py", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="search.py", description=__doc__.split("\n\n")[0],
                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--latency-budget", required=True, metavar="BUDGET",
                    help="latency the model must fit, with its unit, e.g. 5ms or 500us")
@@ -102,30 +99,27 @@ def _compress_winner(args, result, config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from searchspace.errors import MixerNASError
+    return cli.main(build_parser(), run_search, argv, prog="search.py")
 
-    try:
-        from searchspace.latency import format_ms, parse_budget
-        from searchspace.nas import SearchConfig, run
 
-        config = SearchConfig(
-            budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
-            input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
-            train_threads=args.train_threads, trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator,
-            epochs=args.epochs, final_epochs=args.final_epochs, objective=args.objective, sampler=args.sampler,
-            backend=args.backend, storage=args.storage,
-            study_name=args.study_name, out=args.out, seed=args.seed, ray_address=args.ray_address,
-            workers=args.workers, baselines=_baselines(args.baselines), compress=args.compress,
-        )
-        if args.compress:
-            from compress.recipe import load_recipe
+def run_search(args: argparse.Namespace) -> int:
+    from searchspace.latency import format_ms, parse_budget
+    from searchspace.nas import SearchConfig, run
 
-            load_recipe(args.compress)  # a bad recipe fails now, not after the search
-        result = run(config, progress=not args.quiet)
-    except MixerNASError as exc:
-        print(f"search.py: error: {exc}", file=sys.stderr)
-        return 2
+    config = SearchConfig(
+        budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
+        input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
+        train_threads=args.train_threads, trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator,
+        epochs=args.epochs, final_epochs=args.final_epochs, objective=args.objective, sampler=args.sampler,
+        backend=args.backend, storage=args.storage,
+        study_name=args.study_name, out=args.out, seed=args.seed, ray_address=args.ray_address,
+        workers=args.workers, baselines=_baselines(args.baselines), compress=args.compress,
+    )
+    if args.compress:
+        from compress.recipe import load_recipe
+
+        load_recipe(args.compress)  # a bad recipe fails now, not after the search
+    result = run(config, progress=not args.quiet)
     if result.interrupted:
         return 130
     best = result.best

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from searchspace import cli
 from searchspace.errors import MixerNASError
 
 DESCRIPTION = """\
@@ -42,17 +43,8 @@ report.json, report.md and recipe.yaml (a copy of the recipe).
 exit status: 0 success, 2 bad input (one line on stderr says what to change), 130 interrupted."""
 
 
-class _UsageError(MixerNASError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and status 2, instead of argparse's usage block
-        raise _UsageError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m compress", description=DESCRIPTION, epilog=EPILOG,
+    p = cli.Parser(prog="python -m compress", description=DESCRIPTION, epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", metavar="YAML", help="recipe file, e.g. recipes/prune-50-kd.yaml (required)")
     p.add_argument("--model", metavar="NAME|FILE|DIR",
@@ -192,19 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return run(args)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except MixerNASError as exc:
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

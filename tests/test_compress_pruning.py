@@ -30,6 +30,7 @@ from compress.steps.tokens import (
     bipartite_matching,
     keep_count,
     merge_tokens,
+    split_block,
 )
 from searchspace import Arch, Blocks, Stage
 from searchspace.latency import InputSpec
@@ -371,16 +372,56 @@ def test_dropped_tokens_return_to_the_grid_unchanged_before_a_conv_block():
     model = searchspace.build_model(arch, num_classes=10).eval()
     stage = model.stages[2]
     apply_token_pruning(model, 0.5, stages=[2], blocks=[0])
+    first = stage.blocks[0]
     seen = {}
-    stage.blocks[0].register_forward_hook(lambda m, i, o: seen.__setitem__("after0", o))
+    first.norm1.register_forward_pre_hook(lambda m, a: seen.__setitem__("into0", a[0]))
+    first.mixer.register_forward_hook(lambda m, i, o: seen.__setitem__("mixed0", o))
     stage.blocks[2].register_forward_pre_hook(lambda m, a: seen.__setitem__("into_pool", a[0]))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 64))
-    a, b = seen["after0"].flatten(2), seen["into_pool"].flatten(2)
+        # tokens are selected inside block 0, after its attention: the dropped ones keep that value
+        after_attention = first.res_scale1(seen["into0"]) + first.layer_scale1(seen["mixed0"])
+    a, b = after_attention.flatten(2), seen["into_pool"].flatten(2)
     assert a.shape == b.shape  # the pooling block gets the full grid back
     unchanged = (a == b).all(dim=1).sum().item()
     n = a.shape[-1]
     assert unchanged == n - keep_count(n, 0.5)
+
+
+@pytest.mark.parametrize("name", ["ours", "caformer_s18", "vit"])
+def test_block_halves_compose_to_the_block(name):
+    # token_prune selects between a block's attention and its MLP by calling these halves: they must be the block
+    model = token_models()[name]
+    block, x = {
+        "ours": lambda: (model.stages[3].blocks[0], torch.randn(2, 128, 3, 3)),
+        "caformer_s18": lambda: (model.stages[2].blocks[0], torch.randn(2, 9, 320)),  # timm: (B, N, C) there
+        "vit": lambda: (model.blocks[1], torch.randn(2, 17, 192)),
+    }[name]()
+    halves = split_block(block)
+    assert halves is not None
+    with torch.no_grad():
+        assert torch.equal(halves[1](halves[0](x)), block(x))
+    assert split_block(nn.Linear(4, 4)) is None
+
+
+@pytest.mark.parametrize("name", ["ours", "caformer_s18", "vit"])
+def test_inside_placement_runs_the_blocks_mlp_on_the_kept_tokens(name):
+    def mlp_tokens(placement: str) -> int:
+        model = token_models()[name]
+        apply_token_pruning(model, 0.5, blocks=[0], placement=placement)
+        block = model.blocks[0] if name == "vit" else model.stages[-1 if name == "ours" else 2].blocks[0]
+        shapes = []
+        block.mlp.register_forward_pre_hook(lambda m, a: shapes.append(a[0].shape))
+        with torch.no_grad():
+            model(torch.randn(1, 3, 64, 64))
+        shape = shapes[0]
+        return shape[2] * shape[3] if len(shape) == 4 else shape[1]
+
+    full, inside = mlp_tokens("after"), mlp_tokens("inside")
+    if name == "vit":  # class token + kept + one fused token
+        assert inside == 1 + keep_count(full - 1, 0.5) + 1
+    else:
+        assert inside == keep_count(full, 0.5)
 
 
 def test_keep_rate_warms_up_over_training_steps():

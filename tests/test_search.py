@@ -182,5 +182,5 @@ def test_tpe_is_guided_within_the_default_time_budget(tmp_path):
     from searchspace.nas.optuna_backend import create_study, tpe_startup_trials
 
     assert [tpe_startup_trials(n) for n in (12, 16, 40, 60, 500)] == [4, 4, 6, 10, 10]
-    study = create_study(SearchConfig(budget_ms=5.0, trials=40, out=str(tmp_path / "s")))
+    study = create_study(SearchConfig(budget_ms=5.0, trials=40, out=str(tmp_path)))
     assert study.sampler._n_startup_trials == 6

@@ -1,7 +1,10 @@
 """``token_prune`` and ``token_merge``: fewer tokens through attention blocks.
 
-**Pruning** (EViT, ICLR 2022; EET's progressive dropping): after chosen attention blocks, keep the
-``keep_rate`` most informative tokens and run the following attention blocks on them only.
+**Pruning** (EViT, ICLR 2022; EET's progressive dropping): in chosen attention blocks, keep the
+``keep_rate`` most informative tokens and run the rest of the stage's attention blocks on them only. As in EViT,
+the selection happens inside the block, between its attention and its MLP (``placement: inside``), so that
+block's MLP already runs on the kept tokens; ``placement: after`` selects after the whole block. Blocks whose
+halves are not known (see :func:`split_block`) are always reduced after the block.
 
 * Hierarchical models (ours, timm CAFormer; no class token): tokens are scored by the mean attention they
   receive in the block just run (``score: attention``) or by their feature norm (``score: norm``, content-based).
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,6 +174,32 @@ class KeepSchedule:
 # --------------------------------------------------------------------------------------------- the integration
 
 
+Half = Callable[[torch.Tensor], torch.Tensor]
+
+
+def split_block(block: nn.Module) -> tuple[Half, Half] | None:
+    """A block's two residual halves, ``(attention half, MLP half)``, whose composition is its ``forward``; None
+    for a block of another kind (or without an MLP). Known: our ``MetaFormerBlock``, timm's ``MetaFormerBlock``
+    and timm's ViT ``Block`` (exact classes, since a subclass may compute something else)."""
+    from timm.models.metaformer import MetaFormerBlock as TimmMetaFormerBlock
+    from timm.models.vision_transformer import Block as TimmViTBlock
+
+    from searchspace.blocks import MetaFormerBlock
+
+    b: Any = block
+    kind = type(block)
+    if kind is MetaFormerBlock and b.has_mlp:
+        return (lambda x: b.res_scale1(x) + b.layer_scale1(b.drop_path(b.mixer(b.norm1(x)))),
+                lambda x: b.res_scale2(x) + b.layer_scale2(b.drop_path(b.mlp(b.norm2(x)))))
+    if kind is TimmMetaFormerBlock:
+        return (lambda x: b.res_scale1(x) + b.layer_scale1(b.drop_path1(b.token_mixer(b.norm1(x)))),
+                lambda x: b.res_scale2(x) + b.layer_scale2(b.drop_path2(b.mlp(b.norm2(x)))))
+    if kind is TimmViTBlock:
+        return (lambda x: x + b.drop_path1(b.ls1(b.attn(b.norm1(x)))),
+                lambda x: x + b.drop_path2(b.ls2(b.mlp(b.norm2(x)))))
+    return None
+
+
 class TokenSequence(nn.Sequential):
     """Blocks run in order, the ones in ``reduce_after`` followed by a token reduction; same names as the
     ``nn.Sequential`` it replaces. Subclasses implement the reduction; unconfigured, it is a plain Sequential.
@@ -238,8 +267,10 @@ class TokenPruning(TokenSequence):
     """Keep the top tokens after the blocks in ``reduce_after`` (see the module docstring)."""
 
     def __init__(self, *modules: nn.Module, schedule: KeepSchedule | None = None,
-                 rates: Sequence[float] | None = None, score: str = "attention", owner: bool = False, **config: Any):
+                 rates: Sequence[float] | None = None, score: str = "attention", owner: bool = False,
+                 placement: str = "inside", **config: Any):
         super().__init__(*modules, **config)
+        self.placement = placement  # "inside": between a block's attention and its MLP (EViT); "after" the block
         self.schedule = schedule or KeepSchedule(1.0)
         self.rates = tuple(rates) if rates else None  # one keep rate per reduction point (target = their minimum)
         self.score = score
@@ -260,11 +291,14 @@ class TokenPruning(TokenSequence):
             if i not in self.reduce_after or not self._more_reducible_after(i):
                 x = block(x)
                 continue
+            halves = split_block(block) if self.placement == "inside" else None
             with self._capture(i) as seen:
-                x = block(x)
+                x = halves[0](x) if halves else block(x)
             keep = self._rate_at(point, rate)
             point += 1
             x, full, index = self._select(x, seen, keep, full, index)
+            if halves:
+                x = halves[1](x)
         if index is not None and self.restore:
             x = self._restore(x, full, index, height, width)
         return x
@@ -423,14 +457,17 @@ def _ours(model: nn.Module) -> list[AttentionRun]:
     return runs
 
 
-def default_points(count: int) -> list[int]:
-    """EViT's placement generalised: after attention blocks ``floor(L * j / 4) - 1`` for ``j = 1, 2, 3`` of ``L``
-    (blocks 2, 5, 8 of 12), leaving out positions with no attention block after them.
+def default_points(count: int, inside: bool = True) -> list[int]:
+    """EViT's placement generalised to ``L`` attention blocks: inside blocks ``floor(L * j / 4)`` for
+    ``j = 1, 2, 3`` (EViT's 4th, 7th and 10th of 12: indices 3, 6, 9), or, selecting after whole blocks, the
+    blocks before them (2, 5, 8); positions with no attention block after them are left out.
 
     >>> default_points(12), default_points(9), default_points(3), default_points(1)
-    ([2, 5, 8], [1, 3, 5], [0, 1], [])
+    ([3, 6, 9], [2, 4, 6], [0, 1], [])
+    >>> default_points(12, inside=False), default_points(9, inside=False)
+    ([2, 5, 8], [1, 3, 5])
     """
-    points = sorted({count * j // 4 - 1 for j in (1, 2, 3)})
+    points = sorted({count * j // 4 - (0 if inside else 1) for j in (1, 2, 3)})
     return [p for p in points if 0 <= p < count - 1]
 
 
@@ -450,10 +487,11 @@ def _select_runs(model: nn.Module, stages: Sequence[int] | None) -> list[Attenti
     return [known[s] for s in stages]
 
 
-def _points(run: AttentionRun, blocks: Sequence[int] | None, default: Sequence[int] | None = None) -> list[int]:
-    """Block indices (in the run) after which to reduce, from positions among its attention blocks."""
+def _points(run: AttentionRun, blocks: Sequence[int] | None, default: Sequence[int] | None = None,
+            inside: bool = True) -> list[int]:
+    """Block indices (in the run) in or after which to reduce, from positions among its attention blocks."""
     attention_blocks = sorted(run.attention)
-    positions = default_points(len(attention_blocks)) if blocks is None else list(blocks)
+    positions = default_points(len(attention_blocks), inside) if blocks is None else list(blocks)
     if default is not None and blocks is None:
         positions = list(default)
     for p in positions:
@@ -467,9 +505,12 @@ def _reducible(run: AttentionRun) -> list[bool]:
     return [j in run.attention for j in range(len(run.blocks))]
 
 
+PLACEMENTS = ("inside", "after")
+
+
 def apply_token_pruning(model: nn.Module, keep_rate: float | Sequence[float] = 0.7, *,
                         stages: Sequence[int] | None = None, blocks: Sequence[int] | None = None,
-                        score: str = "attention", warmup_steps: int = 0) -> KeepSchedule:
+                        score: str = "attention", warmup_steps: int = 0, placement: str = "inside") -> KeepSchedule:
     """Wrap ``model``'s attention blocks for token pruning (in place); returns the shared keep schedule.
 
     Args:
@@ -479,6 +520,7 @@ def apply_token_pruning(model: nn.Module, keep_rate: float | Sequence[float] = 0
             placement, :func:`default_points`).
         score: ``attention`` (attention received; class attention on ViTs) or ``norm`` (feature norm).
         warmup_steps: training steps over which the keep rate goes from 1 to ``keep_rate`` (0: constant).
+        placement: ``inside`` selects between a block's attention and its MLP (EViT), ``after`` after the block.
 
     >>> schedule = apply_token_pruning(model, 0.7)  # doctest: +SKIP
     """
@@ -489,21 +531,23 @@ def apply_token_pruning(model: nn.Module, keep_rate: float | Sequence[float] = 0
             raise RecipeError(f"keep_rate must be in (0, 1], got {r!r}")
     if score not in ("attention", "norm"):
         raise RecipeError(f"score must be 'attention' or 'norm', got {score!r}")
+    if placement not in PLACEMENTS:
+        raise RecipeError(f"placement must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
     schedule = KeepSchedule(target, int(warmup_steps))
     runs = _select_runs(model, stages)
     if not runs:
         raise RecipeError("the model has no attention blocks to prune tokens in")
     for n, run in enumerate(runs):
-        points = _points(run, blocks)
+        points = _points(run, blocks, inside=placement == "inside")
         if rates is not None and len(rates) not in (1, len(points)):
             raise RecipeError(f"keep_rate lists {len(rates)} rates but {run.label} has {len(points)} reduction "
                               f"points; give one rate or one per point")
         wrapper = TokenPruning(*run.blocks, layout=run.layout, reducible=_reducible(run), reduce_after=points,
                                prefix=run.prefix, restore=run.restore, attention=run.attention, schedule=schedule,
-                               rates=rates, score=score, owner=n == 0)
+                               rates=rates, score=score, owner=n == 0, placement=placement)
         setattr(run.parent, run.name, wrapper.train(run.blocks.training))
     record_rebuild(model, "token_prune", dict(keep_rate=rates or target, stages=_plain(stages), blocks=_plain(blocks),
-                                              score=score, warmup_steps=int(warmup_steps)))
+                                              score=score, warmup_steps=int(warmup_steps), placement=placement))
     return schedule
 
 
@@ -595,28 +639,31 @@ def _check_merge(params: dict[str, Any]) -> str | None:
                                                     "or one rate per point"),
         "stages": Param((list, type(None)), None, help="stage indices (hierarchical models); default: all "
                                                        "stages with attention"),
-        "blocks": Param((list, type(None)), None, help="positions among a stage's attention blocks after which "
-                                                       "tokens are selected; default EViT's (2, 5, 8 of 12)"),
+        "blocks": Param((list, type(None)), None, help="positions among a stage's attention blocks in which "
+                                                       "tokens are selected; default EViT's (3, 6, 9 of 12)"),
         "score": Param(str, "attention", choices=("attention", "norm"), help="attention received (class "
                                                                             "attention on ViTs) or feature norm"),
         "schedule": Param(str, "constant", choices=("constant", "warmup"),
                           help="warmup: keep rate goes from 1 to keep_rate over warmup_steps training steps"),
         "warmup_steps": Param(int, 0, minimum=0, help="training steps of the warm-up"),
+        "placement": Param(str, "inside", choices=PLACEMENTS,
+                           help="inside: select between a block's attention and its MLP, so that MLP already runs "
+                                "on the kept tokens (EViT); after: after the whole block"),
     },
 )
 def token_prune(ctx: StepContext, keep_rate: float | list[float] = 0.7, stages: list[int] | None = None,
                 blocks: list[int] | None = None, score: str = "attention", schedule: str = "constant",
-                warmup_steps: int = 0) -> dict[str, Any]:
+                warmup_steps: int = 0, placement: str = "inside") -> dict[str, Any]:
     if problem := _check_prune(dict(keep_rate=keep_rate, stages=stages, blocks=blocks, schedule=schedule,
                                     warmup_steps=warmup_steps)):
         raise RecipeError(problem)
     sched = apply_token_pruning(ctx.model, keep_rate, stages=_int_list(stages, "stages"),
                                 blocks=_int_list(blocks, "blocks"), score=score,
-                                warmup_steps=warmup_steps if schedule == "warmup" else 0)
+                                warmup_steps=warmup_steps if schedule == "warmup" else 0, placement=placement)
     ctx.state["token_schedule"] = sched
     figures = token_figures(ctx.model)
-    ctx.log(f"token_prune: keep {keep_rate} after blocks {figures['reduce_after']} (score: {score}, "
-            f"schedule: {schedule})")
+    ctx.log(f"token_prune: keep {keep_rate} {'in' if placement == 'inside' else 'after'} blocks "
+            f"{figures['reduce_after']} (score: {score}, schedule: {schedule})")
     if figures["scored_by_norm"]:
         ctx.log(f"token_prune: no fused qkv to score attention after {', '.join(figures['scored_by_norm'])}; "
                 f"feature norms are used there")
@@ -662,5 +709,6 @@ def token_figures(model: nn.Module) -> dict[str, Any]:
 __all__ = [
     "KeepSchedule", "TokenMerging", "TokenPruning", "TokenSequence", "apply_token_merging", "apply_token_pruning",
     "attention_received", "bipartite_matching", "class_attention", "default_points", "fuse_tokens", "gather_tokens",
-    "keep_count", "merge_tokens", "remove_token_reduction", "scatter_tokens", "split_qkv", "top_tokens",
+    "keep_count", "merge_tokens", "remove_token_reduction", "scatter_tokens", "split_block", "split_qkv",
+    "top_tokens",
 ]

@@ -18,6 +18,7 @@ import re
 import sys
 from collections.abc import Sequence
 
+from .. import cli
 from ..errors import MixerNASError
 from .counting import count_params_macs
 from .measure import DTYPES, InputSpec, measure_latency
@@ -36,17 +37,8 @@ $MIXERNAS_CACHE_DIR, else $XDG_CACHE_HOME/mixernas, else ~/.cache/mixernas; part
 are not in it yet are measured first (a few seconds)."""
 
 
-class _UsageError(MixerNASError):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and status 2, instead of argparse's usage block
-        raise _UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m searchspace.latency", description=DESCRIPTION,
+    p = cli.Parser(prog="python -m searchspace.latency", description=DESCRIPTION,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("arch", help="a preset name (e.g. PoolFormerV2-S12) or the path of an architecture JSON file")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
@@ -154,16 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-        return run(args)
-    except SystemExit as exc:  # --help
-        return int(exc.code or 0)
-    except MixerNASError as exc:
-        message = " ".join(str(exc).split())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    return cli.main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,50 @@
+"""What every MixerNAS command line shares: argument errors and user errors as one line with exit status 2.
+
+``python -m searchspace.latency``, ``python -m compress`` and ``search.py`` all build their parser with
+:class:`Parser` and run through :func:`main`, so a malformed flag, a bad budget or an unknown mixer reads the
+same everywhere: ``error: <what is wrong and how to fix it>`` on stderr, status 2, no traceback. Ctrl-C is
+status 130 with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from .errors import MixerNASError
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(MixerNASError):
+    """A malformed command line (unknown flag, missing value, wrong type)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line (with a pointer to ``--help``) instead of a usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see --help)")
+
+
+def error_line(exc: BaseException, prog: str | None = None) -> str:
+    """``"<prog>: error: <message on one line>"``."""
+    message = " ".join(str(exc).split())
+    return f"{prog}: error: {message}" if prog else f"error: {message}"
+
+
+def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int],
+         argv: Sequence[str] | None = None, *, prog: str | None = None) -> int:
+    """Parse ``argv`` and call ``run(args)``; its return value is the exit status."""
+    try:
+        return run(parser.parse_args(argv))
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+    except MixerNASError as exc:
+        print(error_line(exc, prog), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
