@@ -169,6 +169,11 @@ def test_shipped_recipes_validate_and_explain_themselves(name):
         pytest.skip(f"step(s) {missing} not written yet")
     recipe = load_recipe(path)
     assert recipe.name == name and recipe.description
+    for call in recipe.steps:  # every recipe that cuts the model recovers with distillation afterwards
+        if call.name == "fit_budget":
+            assert call.params["distill_epochs"] >= 1
+    if name != "fit-budget":
+        assert "distill" in [call.name for call in recipe.steps]
 
 
 def _step_names(data) -> list[str]:

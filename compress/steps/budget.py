@@ -60,13 +60,13 @@ def ratio_steps(step_ratio: float, max_ratio: float) -> list[float]:
         "global_pruning": Param(bool, False, help="rank all groups together"),
         "round_to": Param(int, 8, minimum=1, help="channel counts become multiples of this"),
         "ignore": Param((list, tuple), (), help="fnmatch patterns of layer names to leave alone"),
-        "distill_epochs": Param(int, 0, minimum=0, help="epochs of the registered distill step afterwards "
-                                                        "(needs data; 0 = none)"),
+        "distill_epochs": Param(int, 3, minimum=0, help="epochs of the registered distill step afterwards, "
+                                                        "from the unpruned model (needs data; 0 = none)"),
     },
 )
 def fit_budget(ctx: StepContext, target: str, step_ratio: float = 0.1, max_ratio: float = 0.9,
                importance: str = "magnitude", global_pruning: bool = False, round_to: int = 8,
-               ignore: list[str] | tuple[str, ...] = (), distill_epochs: int = 0) -> dict[str, Any]:
+               ignore: list[str] | tuple[str, ...] = (), distill_epochs: int = 3) -> dict[str, Any]:
     if problem := _check(dict(target=target, step_ratio=step_ratio, max_ratio=max_ratio)):
         raise RecipeError(f"fit_budget: {problem}")
     budget = parse_budget(target)
