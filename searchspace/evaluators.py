@@ -224,7 +224,9 @@ class TrainEvaluator(Evaluator):
                 val_acc, val_loss = validate(model, data.val, self.eval_batch_size, device)
                 accuracies.append(val_acc)
                 val_losses.append(val_loss)
-                if report is not None and report(epoch, val_acc):
+                # every epoch is reported (the pruner's statistics need the last one too), but a training that
+                # has finished is never thrown away: pruning only saves the epochs still to come
+                if report is not None and report(epoch, val_acc) and epoch < self.epochs:
                     raise TrialPruned(self._result(accuracies, losses, val_losses, params, start, pruned=True))
         model.eval()
         return model, self._result(accuracies, losses, val_losses, params, start)

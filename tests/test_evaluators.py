@@ -110,6 +110,18 @@ def test_report_returning_true_prunes_early(digits16):
     assert isinstance(info.value, optuna.TrialPruned)  # Optuna records the trial as pruned by itself
 
 
+def test_a_finished_training_is_not_pruned(digits16):
+    # a pruner that says "stop" after the last epoch saves nothing; the trial keeps its full result
+    calls = []
+
+    def report(epoch, accuracy):
+        calls.append(epoch)
+        return True
+
+    result = TrainEvaluator(epochs=1, threads=1).evaluate(small_arch(), digits16, report)
+    assert calls == [1] and not result.pruned and result.epochs == 1
+
+
 def test_optuna_pruner_marks_poor_trials_pruned(digits16):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     evaluator = TrainEvaluator(epochs=2, threads=1)
