@@ -226,8 +226,12 @@ def test_missing_parts_are_reported_and_the_total_is_a_lower_bound(tmp_path):
 
 def test_calibration_recovers_scale_and_offset():
     sums = [2.0, 5.0, 11.0, 40.0]
-    c = fit_calibration(sums, [1.1 * s + 0.3 for s in sums])
+    c = fit_calibration(sums, [1.1 * s + 0.3 for s in sums], offset=True)
     assert c.scale == pytest.approx(1.1) and c.offset_ms == pytest.approx(0.3) and c.fit_mape == pytest.approx(0)
+    scale_only = fit_calibration(sums, [1.25 * s for s in sums])  # the default: a proportional gap
+    assert scale_only.scale == pytest.approx(1.25) and scale_only.offset_ms == 0.0
+    # in relative error, a 2 ms model weighs as much as a 40 ms one: 10% over on one, 10% under on the other
+    assert fit_calibration([2.0, 40.0], [2.0 / 1.1, 40.0 / 0.9]).scale == pytest.approx(1.0, abs=0.01)
     single = fit_calibration([4.0], [5.0])
     assert single.apply(4.0) == pytest.approx(5.0) and single.offset_ms == 0.0
     assert Calibration().apply(3.0) == 3.0
