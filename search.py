@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--space", default="default", help="registered space name or package.module:function "
                    "(default: default, every built-in mixer)")
-    g.add_argument("--trials", type=int, default=40, help="trials in total; a resumed search runs the missing "
-                   "ones (default: 40)")
+    g.add_argument("--trials", type=int, default=100, help="trials in total; a resumed search runs the missing "
+                   "ones (default: 100; with --timeout, whichever comes first)")
     g.add_argument("--timeout", type=float, default=420.0, metavar="SECONDS",
                    help="stop starting trials after this many seconds (default: 420)")
     g.add_argument("--objective", choices=("accuracy", "pareto"), default="accuracy",
