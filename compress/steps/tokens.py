@@ -264,7 +264,8 @@ class TokenSequence(nn.Sequential):
 
 
 class TokenPruning(TokenSequence):
-    """Keep the top tokens after the blocks in ``reduce_after`` (see the module docstring)."""
+    """Keep the top tokens in (``placement="inside"``) or after the blocks in ``reduce_after`` (see the module
+    docstring)."""
 
     def __init__(self, *modules: nn.Module, schedule: KeepSchedule | None = None,
                  rates: Sequence[float] | None = None, score: str = "attention", owner: bool = False,
