@@ -228,7 +228,7 @@ def test_calibration_recovers_scale_and_offset():
     sums = [2.0, 5.0, 11.0, 40.0]
     c = fit_calibration(sums, [1.1 * s + 0.3 for s in sums], offset=True)
     assert c.scale == pytest.approx(1.1) and c.offset_ms == pytest.approx(0.3) and c.fit_mape == pytest.approx(0)
-    scale_only = fit_calibration(sums, [1.25 * s for s in sums])  # the default: a proportional gap
+    scale_only = fit_calibration(sums, [1.25 * s for s in sums], offset=False)
     assert scale_only.scale == pytest.approx(1.25) and scale_only.offset_ms == 0.0
     # in relative error, a 2 ms model weighs as much as a 40 ms one: 10% over on one, 10% under on the other
     assert fit_calibration([2.0, 40.0], [2.0 / 1.1, 40.0 / 0.9]).scale == pytest.approx(1.0, abs=0.01)
@@ -237,6 +237,27 @@ def test_calibration_recovers_scale_and_offset():
     assert Calibration().apply(3.0) == 3.0
     with pytest.raises(searchspace.MixerNASError):
         fit_calibration([1.0, 2.0], [1.0])
+
+
+NOISE = [0.01, -0.012, 0.008, -0.01, 0.011, -0.009]  # +-1% measurement noise, fixed
+
+
+def test_calibration_keeps_an_offset_only_where_it_predicts_better_held_out():
+    sums = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    # a fixed cost per forward pass (0.5 ms) on top of a proportional gap: the offset form wins held out
+    fixed = fit_calibration(sums, [(1.05 * s + 0.5) * (1 + n) for s, n in zip(sums, NOISE)])
+    assert fixed.offset_ms == pytest.approx(0.5, abs=0.1) and fixed.scale == pytest.approx(1.05, abs=0.03)
+    forced_scale = fit_calibration(sums, [(1.05 * s + 0.5) * (1 + n) for s, n in zip(sums, NOISE)], offset=False)
+    assert fixed.holdout_mape < forced_scale.holdout_mape and fixed.fit_mape < forced_scale.fit_mape
+    # a purely proportional gap: the offset would only fit the noise, so the scale alone is kept
+    prop = fit_calibration(sums, [1.2 * s * (1 + n) for s, n in zip(sums, NOISE)])
+    assert prop.offset_ms == 0.0 and prop.scale == pytest.approx(1.2, abs=0.02)
+    assert prop.holdout_mape < fit_calibration(sums, [1.2 * s * (1 + n) for s, n in zip(sums, NOISE)],
+                                               offset=True).holdout_mape
+    # three models are too few to judge two numbers held out: the scale alone, and no held-out figure
+    few = fit_calibration(sums[:3], [1.05 * s + 0.5 for s in sums[:3]])
+    assert few.offset_ms == 0.0 and few.holdout_mape is None and few.models == 3
+    assert "held out" in str(fixed) and "held out" not in str(few)
 
 
 # ------------------------------------------------------------------------------------------------------- parts

@@ -13,10 +13,11 @@ odd sizes included (:func:`stage_resolutions`). Parts are measured in batches, i
 With one thread on the CPU the clock is the measuring thread's CPU time, which leaves out the time other
 processes hold the core (:class:`PartProtocol`).
 
-The prediction: ``predicted = scale * sum(parts)`` (``+ offset`` when asked for). The sum misses what only a whole
-model has (the calls that chain stages, caches a part timed alone finds warm), so :meth:`LatencyTable.calibrate`
-fits ``scale`` by least squares on the *relative* error of a few whole models measured for real; until then the
-calibration is the identity and the prediction is the plain sum.
+The prediction: ``predicted = scale * sum(parts) + offset``. The sum misses what only a whole model has (caches a
+part timed alone finds warm, the fixed cost of one forward pass), so :meth:`LatencyTable.calibrate` fits ``scale``,
+and ``offset`` where it predicts better held out, by least squares on the *relative* error of a few whole models
+measured for real (:func:`fit_calibration`); until then the calibration is the identity and the prediction is the
+plain sum.
 
 Where: one JSON file per (device fingerprint, threads, torch version, batch, channels, input size, dtype) in
 ``$MIXERNAS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mixernas``, else ``~/.cache/mixernas`` (folder ``latency/``).
@@ -343,6 +344,7 @@ class Calibration:
     offset_ms: float = 0.0
     models: int = 0  # whole models the fit used
     fit_mape: float | None = None  # mean absolute percentage error on those models after the fit
+    holdout_mape: float | None = None  # the same, each model predicted by a fit on the others (leave-one-out)
 
     def apply(self, sum_ms: float) -> float:
         return self.scale * sum_ms + self.offset_ms
@@ -350,22 +352,55 @@ class Calibration:
     def __str__(self) -> str:
         if not self.models:
             return "uncalibrated (plain sum of parts)"
+        held = f", {self.holdout_mape:.1%} held out" if self.holdout_mape is not None else ""
         return (f"calibrated on {self.models} models: {self.scale:.4f} x sum {self.offset_ms:+.3f} ms "
-                f"(fit error {self.fit_mape:.1%})")
+                f"(fit error {self.fit_mape:.1%}{held})")
 
 
 IDENTITY = Calibration()
+MIN_MODELS_FOR_OFFSET = 4  # leave-one-out then fits two numbers on at least three models
 
 
-def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], *, offset: bool = False) -> Calibration:
-    """Least squares of ``scale * sum`` (``+ offset`` if asked) against the measured latencies, in relative error.
+def _least_squares(s: Sequence[float], m: Sequence[float], offset: bool) -> tuple[float, float]:
+    """``(scale, offset)`` minimising ``sum(((scale*s + offset) - m) / m)^2`` (offset 0 unless asked and defined)."""
+    # linear least squares in (a, b) with rows (s/m, 1/m) and target 1
+    rows = [(si / mi, 1.0 / mi) for si, mi in zip(s, m)]
+    saa = sum(x * x for x, _ in rows)
+    sab = sum(x * y for x, y in rows)
+    sbb = sum(y * y for _, y in rows)
+    ta = sum(x for x, _ in rows)
+    tb = sum(y for _, y in rows)
+    det = saa * sbb - sab * sab
+    if offset and len(s) >= 2 and det > 1e-12 * saa * sbb:
+        return (ta * sbb - tb * sab) / det, (saa * tb - sab * ta) / det
+    return ta / saa, 0.0
+
+
+def _mape(a: float, b: float, s: Sequence[float], m: Sequence[float]) -> float:
+    return sum(abs(a * si + b - mi) / mi for si, mi in zip(s, m)) / len(s)
+
+
+def _holdout_mape(s: Sequence[float], m: Sequence[float], offset: bool) -> float:
+    """Mean relative error of each model predicted by the fit on all the others (leave-one-out)."""
+    errors = []
+    for i in range(len(s)):
+        a, b = _least_squares(s[:i] + s[i + 1:], m[:i] + m[i + 1:], offset)
+        errors.append(abs(a * s[i] + b - m[i]) / m[i])
+    return sum(errors) / len(errors)
+
+
+def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], *,
+                    offset: bool | None = None) -> Calibration:
+    """Least squares of ``scale * sum`` (``+ offset``) against the measured latencies, in relative error.
 
     Each model's residual is divided by its measured latency, so a 2 ms model counts as much as a 200 ms one
-    (the targets are percentages). The default fits the scale alone: the gap between parts timed one by one and
-    a whole model is proportional (caches warm for a part alone, cold in a model), and an offset fitted on a
-    handful of noisy models extrapolates badly. Measured with ``bench/latency_table.py``'s 30 models, fitting on
-    6 at a time (200 draws) and predicting the other 24: scale alone 3.9% / 5.5% mean error at 64 / 224 pixels,
-    scale and offset 4.8% / 6.0%. With a single model, or sums that do not vary, only ``scale`` is fitted.
+    (the targets are percentages). Parts timed one by one miss two things a whole model has: a gap proportional
+    to the work (caches a part alone finds warm) and a fixed cost per forward pass. Which of the two forms
+    predicts better depends on the machine and the input size, so by default (``offset=None``) both are fitted
+    and the one with the lower leave-one-out error on these models is kept; ``offset=True`` / ``False`` force
+    one. Fewer than four models, or sums that do not vary, fit the scale alone. Seen with
+    ``bench/latency_table.py`` on an idle 2-core machine at 64 pixels: 6 models fitted, 24 predicted, scale
+    alone 3.7% mean error and 93% within +-10%, scale and offset 2.0% and 99%.
 
     >>> c = fit_calibration([10.0, 20.0, 40.0], [11.0, 22.0, 44.0])
     >>> round(c.scale, 6), c.offset_ms
@@ -378,21 +413,13 @@ def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], *, o
     m = [float(v) for v in measured_ms]
     if len(s) != len(m) or not s or any(v <= 0 or not math.isfinite(v) for v in s + m):
         raise MeasurementError("calibration needs matching, positive, finite sums and measured latencies")
-    # minimise sum(((a*s + b) - m) / m)^2: linear least squares in (a, b) with rows (s/m, 1/m) and target 1
-    rows = [(si / mi, 1.0 / mi) for si, mi in zip(s, m)]
-    saa = sum(x * x for x, _ in rows)
-    sab = sum(x * y for x, y in rows)
-    sbb = sum(y * y for _, y in rows)
-    ta = sum(x for x, _ in rows)
-    tb = sum(y for _, y in rows)
-    det = saa * sbb - sab * sab
-    if offset and len(s) >= 2 and det > 1e-12 * saa * sbb:
-        a = (ta * sbb - tb * sab) / det
-        b = (saa * tb - sab * ta) / det
-    else:
-        a, b = ta / saa, 0.0
-    mape = sum(abs(a * si + b - mi) / mi for si, mi in zip(s, m)) / len(s)
-    return Calibration(a, b, len(s), mape)
+    holdout = None
+    if len(s) >= MIN_MODELS_FOR_OFFSET:
+        forms = [False, True] if offset is None else [offset]
+        scored = sorted((_holdout_mape(s, m, form), form) for form in forms)
+        holdout, offset = scored[0]
+    a, b = _least_squares(s, m, bool(offset))
+    return Calibration(a, b, len(s), _mape(a, b, s, m), holdout)
 
 
 @dataclass(frozen=True)
@@ -711,7 +738,7 @@ class LatencyTable:
     # ------------------------------------------------------------------------------------------- calibration
 
     def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None, *,
-                  progress: bool = True, offset: bool = False, **measure_options: Any) -> Calibration:
+                  progress: bool = True, offset: bool | None = None, **measure_options: Any) -> Calibration:
         """Fit and store the calibration (:func:`fit_calibration`) from whole models (a handful, different from
         each other).
 
