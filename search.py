@@ -57,12 +57,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy under the budget (TPE) or the accuracy/latency front (NSGA-II) (default: accuracy)")
     g.add_argument("--sampler", choices=("tpe", "nsga2", "random"), default=None,
                    help="Optuna sampler (default: tpe for accuracy, nsga2 for pareto; random as a baseline)")
-    g.add_argument("--backend", choices=("optuna", "ray", "nni"), default="optuna", help="(default: optuna)")
+    g.add_argument("--backend", choices=("optuna", "ray", "nni"), default="optuna",
+                   help="optuna: embedded, one process; ray: Ray Tune (Optuna searcher, ASHA), local or a cluster; "
+                        "nni: NNI's regularised evolution (the nni extra) (default: optuna)")
     g.add_argument("--storage", default=None, metavar="URL",
                    help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out)")
-    g.add_argument("--study-name", default=None, help="(default: derived from --out)")
-    g.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    g.add_argument("--ray-address", default=None, help="join this Ray cluster (default: start a local Ray)")
+    g.add_argument("--study-name", default=None,
+                   help="study to create or resume in --storage; machines sharing a study use the same name "
+                        "(default: derived from --out)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the sampler, the data split and training, so a run can be repeated (default: 0)")
+    g.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster, e.g. auto or head-node:6379 (default: start a local Ray with "
+                        "--workers CPUs)")
     g.add_argument("--workers", type=int, default=1, help="trials evaluated at once with Ray (default: 1)")
     g.add_argument("--baselines", default="all", metavar="all|none|NAME,NAME",
                    help="presets evaluated beside the winner when they fit the budget (default: all)")
