@@ -226,9 +226,9 @@ def test_missing_parts_are_reported_and_the_total_is_a_lower_bound(tmp_path):
 
 def test_calibration_recovers_scale_and_offset():
     sums = [2.0, 5.0, 11.0, 40.0]
-    c = fit_calibration(sums, [1.1 * s + 0.3 for s in sums], offset=True)
+    c = fit_calibration(sums, [1.1 * s + 0.3 for s in sums], form="offset")
     assert c.scale == pytest.approx(1.1) and c.offset_ms == pytest.approx(0.3) and c.fit_mape == pytest.approx(0)
-    scale_only = fit_calibration(sums, [1.25 * s for s in sums], offset=False)
+    scale_only = fit_calibration(sums, [1.25 * s for s in sums], form="scale")
     assert scale_only.scale == pytest.approx(1.25) and scale_only.offset_ms == 0.0
     # in relative error, a 2 ms model weighs as much as a 40 ms one: 10% over on one, 10% under on the other
     assert fit_calibration([2.0, 40.0], [2.0 / 1.1, 40.0 / 0.9]).scale == pytest.approx(1.0, abs=0.01)
@@ -245,19 +245,50 @@ NOISE = [0.01, -0.012, 0.008, -0.01, 0.011, -0.009]  # +-1% measurement noise, f
 def test_calibration_keeps_an_offset_only_where_it_predicts_better_held_out():
     sums = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
     # a fixed cost per forward pass (0.5 ms) on top of a proportional gap: the offset form wins held out
-    fixed = fit_calibration(sums, [(1.05 * s + 0.5) * (1 + n) for s, n in zip(sums, NOISE)])
+    fixed = fit_calibration(sums, [(1.05 * s + 0.5) * (1 + n) for s, n in zip(sums, NOISE)], [9] * 6)
     assert fixed.offset_ms == pytest.approx(0.5, abs=0.1) and fixed.scale == pytest.approx(1.05, abs=0.03)
-    forced_scale = fit_calibration(sums, [(1.05 * s + 0.5) * (1 + n) for s, n in zip(sums, NOISE)], offset=False)
+    forced_scale = fit_calibration(sums, [(1.05 * s + 0.5) * (1 + n) for s, n in zip(sums, NOISE)], form="scale")
     assert fixed.holdout_mape < forced_scale.holdout_mape and fixed.fit_mape < forced_scale.fit_mape
     # a purely proportional gap: the offset would only fit the noise, so the scale alone is kept
     prop = fit_calibration(sums, [1.2 * s * (1 + n) for s, n in zip(sums, NOISE)])
     assert prop.offset_ms == 0.0 and prop.scale == pytest.approx(1.2, abs=0.02)
     assert prop.holdout_mape < fit_calibration(sums, [1.2 * s * (1 + n) for s, n in zip(sums, NOISE)],
-                                               offset=True).holdout_mape
+                                               form="offset").holdout_mape
     # three models are too few to judge two numbers held out: the scale alone, and no held-out figure
     few = fit_calibration(sums[:3], [1.05 * s + 0.5 for s in sums[:3]])
     assert few.offset_ms == 0.0 and few.holdout_mape is None and few.models == 3
     assert "held out" in str(fixed) and "held out" not in str(few)
+
+
+def test_calibration_finds_a_cost_per_part():
+    # small models pay a fixed cost per part that parts timed alone do not: 20 us each on top of a 3% gap
+    sums, parts = [1.0, 1.5, 2.5, 4.0, 6.0, 9.0], [30, 12, 25, 8, 20, 14]
+    measured = [(1.03 * s + 0.02 * k) * (1 + e) for s, k, e in zip(sums, parts, NOISE)]
+    c = fit_calibration(sums, measured, parts)
+    assert c.form == "per_part" and c.per_part_ms == pytest.approx(0.02, abs=0.005) and c.offset_ms == 0.0
+    assert c.apply(2.0, 10) == pytest.approx(c.scale * 2.0 + c.per_part_ms * 10)
+    assert "us per part" in str(c)
+    # without part counts the per-part form is not a candidate
+    assert fit_calibration(sums, measured).form != "per_part"
+    with pytest.raises(searchspace.MixerNASError, match="part count"):
+        fit_calibration(sums, measured, form="per_part")
+    with pytest.raises(searchspace.MixerNASError, match="form"):
+        fit_calibration(sums, measured, parts, form="quadratic")
+
+
+def test_table_prediction_applies_the_per_part_calibration(tmp_path):
+    table = open_table(tmp_path)
+    archs = [Arch(stages=tuple(Stage(mixer="pooling", depth=d, width=w, mlp_ratio=1.0) for d, w in zip(depths, widths)))
+             for depths, widths in (((1, 1, 1, 1), (16, 16, 32, 32)), ((2, 1, 3, 1), (16, 32, 32, 64)),
+                                    ((1, 2, 1, 2), (32, 32, 64, 64)), ((3, 3, 1, 1), (16, 16, 16, 16)))]
+    preds = [table.predict(a) for a in archs]
+    counts = [len(table.parts(a)) for a in archs]
+    table.calibrate(archs, measured_ms=[1.1 * p.sum_ms + 0.01 * k for p, k in zip(preds, counts)], progress=False,
+                    form="per_part")
+    again = open_table(tmp_path)  # stored with the table
+    assert again.calibration.per_part_ms == pytest.approx(0.01)
+    for a, p, k in zip(archs, preds, counts):
+        assert again.predict(a).total_ms == pytest.approx(1.1 * p.sum_ms + 0.01 * k)
 
 
 # ------------------------------------------------------------------------------------------------------- parts

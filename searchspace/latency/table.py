@@ -13,11 +13,11 @@ odd sizes included (:func:`stage_resolutions`). Parts are measured in batches, i
 With one thread on the CPU the clock is the measuring thread's CPU time, which leaves out the time other
 processes hold the core (:class:`PartProtocol`).
 
-The prediction: ``predicted = scale * sum(parts) + offset``. The sum misses what only a whole model has (caches a
-part timed alone finds warm, the fixed cost of one forward pass), so :meth:`LatencyTable.calibrate` fits ``scale``,
-and ``offset`` where it predicts better held out, by least squares on the *relative* error of a few whole models
-measured for real (:func:`fit_calibration`); until then the calibration is the identity and the prediction is the
-plain sum.
+The prediction: ``predicted = scale * sum(parts)``, plus a fixed cost per part or per model where that predicts
+better. The sum misses what only a whole model has (caches a part timed alone finds warm, code a part run in a loop
+keeps hot), so :meth:`LatencyTable.calibrate` fits the calibration by least squares on the *relative* error of a
+few whole models measured for real, choosing its form by leave-one-out error (:func:`fit_calibration`); until then
+the calibration is the identity and the prediction is the plain sum.
 
 Where: one JSON file per (device fingerprint, threads, torch version, batch, channels, input size, dtype) in
 ``$MIXERNAS_CACHE_DIR``, else ``$XDG_CACHE_HOME/mixernas``, else ``~/.cache/mixernas`` (folder ``latency/``).
@@ -338,74 +338,87 @@ class TableKey:
 
 @dataclass(frozen=True)
 class Calibration:
-    """``predicted = scale * sum_of_parts + offset_ms``, fitted on ``models`` whole models (identity when 0)."""
+    """``predicted = scale * sum_of_parts + offset_ms + per_part_ms * parts``, fitted on ``models`` whole models
+    (identity when 0); ``parts`` is how many parts (stem, blocks, downsampling layers, head) the model has."""
 
     scale: float = 1.0
-    offset_ms: float = 0.0
+    offset_ms: float = 0.0  # a fixed cost per forward pass
+    per_part_ms: float = 0.0  # a fixed cost per part that a part timed alone does not pay
     models: int = 0  # whole models the fit used
     fit_mape: float | None = None  # mean absolute percentage error on those models after the fit
     holdout_mape: float | None = None  # the same, each model predicted by a fit on the others (leave-one-out)
 
-    def apply(self, sum_ms: float) -> float:
-        return self.scale * sum_ms + self.offset_ms
+    @property
+    def form(self) -> str:
+        return "per_part" if self.per_part_ms else "offset" if self.offset_ms else "scale"
+
+    def apply(self, sum_ms: float, parts: int = 0) -> float:
+        return self.scale * sum_ms + self.offset_ms + self.per_part_ms * parts
 
     def __str__(self) -> str:
         if not self.models:
             return "uncalibrated (plain sum of parts)"
+        extra = {"scale": "", "offset": f" {self.offset_ms:+.3f} ms",
+                 "per_part": f" {self.per_part_ms * 1000:+.1f} us per part"}[self.form]
         held = f", {self.holdout_mape:.1%} held out" if self.holdout_mape is not None else ""
-        return (f"calibrated on {self.models} models: {self.scale:.4f} x sum {self.offset_ms:+.3f} ms "
+        return (f"calibrated on {self.models} models: {self.scale:.4f} x sum{extra} "
                 f"(fit error {self.fit_mape:.1%}{held})")
 
 
 IDENTITY = Calibration()
-MIN_MODELS_FOR_OFFSET = 4  # leave-one-out then fits two numbers on at least three models
+FORMS = ("scale", "offset", "per_part")
+MIN_MODELS_FOR_TWO = 4  # leave-one-out then fits two numbers on at least three models
 
 
-def _least_squares(s: Sequence[float], m: Sequence[float], offset: bool) -> tuple[float, float]:
-    """``(scale, offset)`` minimising ``sum(((scale*s + offset) - m) / m)^2`` (offset 0 unless asked and defined)."""
-    # linear least squares in (a, b) with rows (s/m, 1/m) and target 1
-    rows = [(si / mi, 1.0 / mi) for si, mi in zip(s, m)]
-    saa = sum(x * x for x, _ in rows)
-    sab = sum(x * y for x, y in rows)
-    sbb = sum(y * y for _, y in rows)
-    ta = sum(x for x, _ in rows)
-    tb = sum(y for _, y in rows)
+def _least_squares(s: Sequence[float], n: Sequence[float], m: Sequence[float], form: str) -> tuple[float, float]:
+    """``(scale, second)`` minimising the squared relative error of ``scale * s + second * x``, where ``x`` is 1
+    (form ``offset``), the part count ``n`` (``per_part``) or absent (``scale``: ``second`` is 0)."""
+    x = [1.0] * len(s) if form == "offset" else list(n)
+    # linear least squares in (a, b) with rows (s/m, x/m) and target 1
+    rows = [(si / mi, xi / mi) for si, xi, mi in zip(s, x, m)]
+    saa = sum(u * u for u, _ in rows)
+    sab = sum(u * v for u, v in rows)
+    sbb = sum(v * v for _, v in rows)
+    ta = sum(u for u, _ in rows)
+    tb = sum(v for _, v in rows)
     det = saa * sbb - sab * sab
-    if offset and len(s) >= 2 and det > 1e-12 * saa * sbb:
+    if form != "scale" and len(s) >= 2 and det > 1e-12 * saa * sbb:
         return (ta * sbb - tb * sab) / det, (saa * tb - sab * ta) / det
     return ta / saa, 0.0
 
 
-def _mape(a: float, b: float, s: Sequence[float], m: Sequence[float]) -> float:
-    return sum(abs(a * si + b - mi) / mi for si, mi in zip(s, m)) / len(s)
+def _predict(a: float, b: float, form: str, s: float, n: float) -> float:
+    return a * s + (b if form == "offset" else b * n if form == "per_part" else 0.0)
 
 
-def _holdout_mape(s: Sequence[float], m: Sequence[float], offset: bool) -> float:
+def _holdout_mape(s: list[float], n: list[float], m: list[float], form: str) -> float:
     """Mean relative error of each model predicted by the fit on all the others (leave-one-out)."""
     errors = []
     for i in range(len(s)):
-        a, b = _least_squares(s[:i] + s[i + 1:], m[:i] + m[i + 1:], offset)
-        errors.append(abs(a * s[i] + b - m[i]) / m[i])
+        a, b = _least_squares(s[:i] + s[i + 1:], n[:i] + n[i + 1:], m[:i] + m[i + 1:], form)
+        errors.append(abs(_predict(a, b, form, s[i], n[i]) - m[i]) / m[i])
     return sum(errors) / len(errors)
 
 
-def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], *,
-                    offset: bool | None = None) -> Calibration:
-    """Least squares of ``scale * sum`` (``+ offset``) against the measured latencies, in relative error.
+def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], parts: Sequence[int] | None = None, *,
+                    form: str = "auto") -> Calibration:
+    """Least squares of the calibrated prediction against the measured latencies, in relative error.
 
     Each model's residual is divided by its measured latency, so a 2 ms model counts as much as a 200 ms one
-    (the targets are percentages). Parts timed one by one miss two things a whole model has: a gap proportional
-    to the work (caches a part alone finds warm) and a fixed cost per forward pass. Which of the two forms
-    predicts better depends on the machine and the input size, so by default (``offset=None``) both are fitted
-    and the one with the lower leave-one-out error on these models is kept; ``offset=True`` / ``False`` force
-    one. Fewer than four models, or sums that do not vary, fit the scale alone. Seen with
-    ``bench/latency_table.py`` on an idle 2-core machine at 64 pixels: 6 models fitted, 24 predicted, scale
-    alone 3.7% mean error and 93% within +-10%, scale and offset 2.0% and 99%.
+    (the targets are percentages). Parts timed one by one miss what a whole model pays: a gap proportional to the
+    work (caches a part alone finds warm; at large inputs the sum comes out a few percent *above* the model), and
+    a fixed cost per part that only shows on small, overhead-bound models (code and data a part run in a loop
+    keeps hot). The forms: ``scale`` (``scale * sum``), ``offset`` (``+ a fixed cost per forward pass``) and
+    ``per_part`` (``+ a cost per part``; needs ``parts``, each model's part count). ``form="auto"`` fits each and
+    keeps the one with the lowest leave-one-out error on these models; fewer than four models fit the scale
+    alone. Seen with ``bench/latency_table.py`` on an idle 2-core machine, 6 models fitted and 24 predicted
+    (300 draws), at 64 pixels: scale 3.7% mean error and 93% within +-10%, offset 2.0% and 99%, per part 1.7% and
+    100%; at 224 pixels: scale 2.3% and 100%, offset 2.6% and 99%, per part 2.6% and 99%.
 
     >>> c = fit_calibration([10.0, 20.0, 40.0], [11.0, 22.0, 44.0])
     >>> round(c.scale, 6), c.offset_ms
     (1.1, 0.0)
-    >>> c = fit_calibration([10.0, 20.0, 40.0], [11.0, 21.0, 41.0], offset=True)
+    >>> c = fit_calibration([10.0, 20.0, 40.0], [11.0, 21.0, 41.0], form="offset")
     >>> round(c.scale, 6), round(c.offset_ms, 6)
     (1.0, 1.0)
     """
@@ -413,13 +426,24 @@ def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], *,
     m = [float(v) for v in measured_ms]
     if len(s) != len(m) or not s or any(v <= 0 or not math.isfinite(v) for v in s + m):
         raise MeasurementError("calibration needs matching, positive, finite sums and measured latencies")
+    if form not in ("auto", *FORMS):
+        raise MeasurementError(f"calibration form must be 'auto' or one of {', '.join(FORMS)}; got {form!r}")
+    if parts is not None and len(parts) != len(s):
+        raise MeasurementError(f"calibration got {len(parts)} part counts for {len(s)} models")
+    if form == "per_part" and parts is None:
+        raise MeasurementError("the per_part calibration needs each model's part count (parts=...)")
+    n = [float(v) for v in parts] if parts is not None else [0.0] * len(s)
     holdout = None
-    if len(s) >= MIN_MODELS_FOR_OFFSET:
-        forms = [False, True] if offset is None else [offset]
-        scored = sorted((_holdout_mape(s, m, form), form) for form in forms)
-        holdout, offset = scored[0]
-    a, b = _least_squares(s, m, bool(offset))
-    return Calibration(a, b, len(s), _mape(a, b, s, m), holdout)
+    if len(s) >= MIN_MODELS_FOR_TWO:
+        forms = [form] if form != "auto" else [f for f in FORMS if f != "per_part" or parts is not None]
+        # ties go to the simpler form: FORMS is ordered by complexity
+        holdout, _, form = min((_holdout_mape(s, n, m, f), i, f) for i, f in enumerate(forms))
+    elif form == "auto":
+        form = "scale"
+    a, b = _least_squares(s, n, m, form)
+    mape = sum(abs(_predict(a, b, form, si, ni) - mi) / mi for si, ni, mi in zip(s, n, m)) / len(s)
+    return Calibration(scale=a, offset_ms=b if form == "offset" else 0.0, per_part_ms=b if form == "per_part" else 0.0,
+                       models=len(s), fit_mape=mape, holdout_mape=holdout)
 
 
 @dataclass(frozen=True)
@@ -663,9 +687,9 @@ class LatencyTable:
     def predict(self, arch: Arch, *, measure_missing: bool = True, calibrated: bool = True) -> Prediction:
         """Predicted latency of ``arch`` (no model is built when its parts are in the table).
 
-        ``total_ms = calibration.apply(sum of the parts' entries)``. Parts not in the table are measured now
-        (and stored) unless ``measure_missing=False``; then they are listed in ``missing`` and the total is a
-        lower bound. ``calibrated=False`` returns the plain sum as the total.
+        ``total_ms = calibration.apply(sum of the parts' entries, number of parts)``. Parts not in the table are
+        measured now (and stored) unless ``measure_missing=False``; then they are listed in ``missing`` and the
+        total is a lower bound. ``calibrated=False`` returns the plain sum as the total.
         """
         uses = self.parts(arch)
         missing = tuple(dict.fromkeys(u.part for u in uses if u.part not in self._entries))
@@ -675,7 +699,7 @@ class LatencyTable:
         parts = tuple((u, self._entries.get(u.part, 0.0)) for u in uses)
         total = math.fsum(ms for _, ms in parts)
         calibration = self._calibration if calibrated else IDENTITY
-        return Prediction(calibration.apply(total), total, parts, calibration, missing)
+        return Prediction(calibration.apply(total, len(uses)), total, parts, calibration, missing)
 
     # ---------------------------------------------------------------------------------------------- filling
 
@@ -738,7 +762,7 @@ class LatencyTable:
     # ------------------------------------------------------------------------------------------- calibration
 
     def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None, *,
-                  progress: bool = True, offset: bool | None = None, **measure_options: Any) -> Calibration:
+                  progress: bool = True, form: str = "auto", **measure_options: Any) -> Calibration:
         """Fit and store the calibration (:func:`fit_calibration`) from whole models (a handful, different from
         each other).
 
@@ -755,7 +779,8 @@ class LatencyTable:
             results = measure_many(archs, self.key.input_spec, device=self.device, threads=self.key.threads,
                                    **measure_options)
             measured_ms = [r.value_ms for r in results]
-        self._calibration = fit_calibration(sums, measured_ms, offset=offset)
+        counts = [len(self.parts(a)) for a in archs]
+        self._calibration = fit_calibration(sums, measured_ms, counts, form=form)
         self._new_calibration = True
         self.save()
         return self._calibration
