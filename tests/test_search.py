@@ -50,6 +50,7 @@ def test_search_writes_a_results_folder_whose_best_fits(tmp_path, capsys):
     baselines = json.loads((out / "baselines.json").read_text())
     assert [b["name"] for b in baselines] == ["IdentityFormer-S12"]
     assert "best:" in capsys.readouterr().out
+    assert "device cpu" in (out / "report.md").read_text()  # what --device auto resolved to
 
 
 def test_rerun_resumes_up_to_the_requested_trials(tmp_path):

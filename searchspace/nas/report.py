@@ -19,10 +19,11 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def render_report(result, metric: str) -> str:
     cfg, rows, best = result.config, result.trials, result.best
     states = Counter(r["state"] for r in rows)
+    device = best["device"] if best else cfg.device  # the device "auto" resolved to, once it is known
     lines = [
         "# MixerNAS search report",
         "",
-        f"- budget: **{format_ms(cfg.budget_ms)}** measured latency, batch {cfg.batch_size}, device {cfg.device}",
+        f"- budget: **{format_ms(cfg.budget_ms)}** measured latency, batch {cfg.batch_size}, device {device}",
         f"- space: `{cfg.space}`; evaluator: {cfg.evaluator}; objective: {cfg.objective}; backend: {cfg.backend}",
         f"- trials: {len(rows)} finished (" + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + ")",
         "",
