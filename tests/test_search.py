@@ -160,6 +160,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert message in err
+    # nothing is left behind that would stop the corrected command ("holds a different search")
+    assert not (tmp_path / "run" / "config.json").exists()
 
 
 def test_empty_data_folder_is_refused(tmp_path, capsys):

@@ -80,8 +80,6 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     saved = load_saved_config(out)
     if saved is not None:
         config.check_resumable(saved.get("search", {}))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", {"search": config.to_dict(), "environment": environment()})
 
     device = resolve_device(config.device)
     # Latency is measured with a fixed thread count: the one asked for, else one thread on the CPU (the most
@@ -93,6 +91,9 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     spec = InputSpec(batch=config.batch_size, channels=data.in_chans, height=data.input_size,
                      width=data.input_size)
     space = get_space(config.space)
+    # written once the device, data and space are known to be good, so bad input leaves no folder behind
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", {"search": config.to_dict(), "environment": environment()})
     echo(f"MixerNAS: searching space {space.name!r} for the most accurate model within "
          f"{format_ms(config.budget_ms)} on {device} at {data.input_size}x{data.input_size}, batch "
          f"{config.batch_size}; data: {data.describe()}; results in {out}")
