@@ -387,16 +387,18 @@ def _least_squares(s: Sequence[float], n: Sequence[float], m: Sequence[float], f
     return ta / saa, 0.0
 
 
-def _predict(a: float, b: float, form: str, s: float, n: float) -> float:
-    return a * s + (b if form == "offset" else b * n if form == "per_part" else 0.0)
+def _calibration(a: float, b: float, form: str, **fit: Any) -> Calibration:
+    """The calibration of ``form`` with scale ``a`` and second coefficient ``b`` (see :func:`_least_squares`)."""
+    return Calibration(scale=a, offset_ms=b if form == "offset" else 0.0, per_part_ms=b if form == "per_part" else 0.0,
+                       **fit)
 
 
 def _holdout_mape(s: list[float], n: list[float], m: list[float], form: str) -> float:
     """Mean relative error of each model predicted by the fit on all the others (leave-one-out)."""
     errors = []
     for i in range(len(s)):
-        a, b = _least_squares(s[:i] + s[i + 1:], n[:i] + n[i + 1:], m[:i] + m[i + 1:], form)
-        errors.append(abs(_predict(a, b, form, s[i], n[i]) - m[i]) / m[i])
+        fit = _calibration(*_least_squares(s[:i] + s[i + 1:], n[:i] + n[i + 1:], m[:i] + m[i + 1:], form), form)
+        errors.append(abs(fit.apply(s[i], n[i]) - m[i]) / m[i])
     return sum(errors) / len(errors)
 
 
@@ -441,9 +443,9 @@ def fit_calibration(sums_ms: Sequence[float], measured_ms: Sequence[float], part
     elif form == "auto":
         form = "scale"
     a, b = _least_squares(s, n, m, form)
-    mape = sum(abs(_predict(a, b, form, si, ni) - mi) / mi for si, ni, mi in zip(s, n, m)) / len(s)
-    return Calibration(scale=a, offset_ms=b if form == "offset" else 0.0, per_part_ms=b if form == "per_part" else 0.0,
-                       models=len(s), fit_mape=mape, holdout_mape=holdout)
+    fit = _calibration(a, b, form)
+    mape = sum(abs(fit.apply(si, ni) - mi) / mi for si, ni, mi in zip(s, n, m)) / len(s)
+    return _calibration(a, b, form, models=len(s), fit_mape=mape, holdout_mape=holdout)
 
 
 @dataclass(frozen=True)
