@@ -109,7 +109,8 @@ def test_interrupt_keeps_finished_trials_and_resumes(tmp_path, monkeypatch):
     args = ["--latency-budget", "50ms", "--trials", "3", "--out", str(out), "--baselines", "none", *FAST]
     assert search.main(args) == 130
     assert len([r for r in read_trials(out) if r["state"] != "failed"]) == 1
-    assert "interrupted" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "interrupted" in report and "device cpu" in report  # resolved even with no winner yet
     monkeypatch.setattr(engine_module.CandidateRunner, "run", original)
     assert search.main(args) == 0
     assert len(read_trials(out)) == 3

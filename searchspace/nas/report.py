@@ -19,7 +19,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def render_report(result, metric: str) -> str:
     cfg, rows, best = result.config, result.trials, result.best
     states = Counter(r["state"] for r in rows)
-    device = best["device"] if best else cfg.device  # the device "auto" resolved to, once it is known
+    from .engine import resolve_device
+
+    device = resolve_device(cfg.device)  # what "auto" stands for here
     lines = [
         "# MixerNAS search report",
         "",
