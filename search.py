@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_search(args: argparse.Namespace) -> int:
     from searchspace.latency import format_ms, parse_budget
     from searchspace.nas import SearchConfig, run
+    from searchspace.nas.engine import candidate_label
 
     config = SearchConfig(
         budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
@@ -136,9 +137,9 @@ def run_search(args: argparse.Namespace) -> int:
           f"{format_ms(best['latency_ms'])} <= budget {format_ms(best['budget_ms'])} on {best['device_name']} "
           f"({best['device']}, {best['threads']} thread(s), {best['input_size']}x{best['input_size']}, batch "
           f"{best['batch_size']})")
-    rows = [(f"winner (trial {best['trial']})", best["search_" + metric], best["latency_ms"], best.get("params"))]
+    rows = [(f"winner ({candidate_label(best)})", best["search_" + metric], best["latency_ms"], best.get("params"))]
     rows += [(b["name"], b[metric], b["measured_ms"], b.get("params")) for b in result.baselines
-             if b["state"] == "complete"]
+             if b["state"] == "complete" and b["name"] != best.get("preset")]
     print(f"\n{'model':28s} {metric + ' (same evaluator)':>26s} {'latency':>10s} {'params':>11s}")
     for name, value, ms, params in sorted(rows, key=lambda r: -(r[1] or 0)):
         print(f"{name:28s} {value:26.4f} {format_ms(ms):>10s} {params or 0:11,d}")

@@ -116,6 +116,30 @@ def test_interrupt_keeps_finished_trials_and_resumes(tmp_path, monkeypatch):
     assert len(read_trials(out)) == 3
 
 
+def test_a_fitting_preset_that_beats_every_trial_is_the_winner(tmp_path, monkeypatch, capsys):
+    original = engine_module.CandidateRunner.run
+    target = searchspace.preset("IdentityFormer-S12")
+
+    def run(self, arch, report=None):  # the same evaluation, with the preset scoring best
+        outcome = original(self, arch, report)
+        if outcome.state == "complete":
+            outcome.accuracy = 0.99 if arch == target else 0.5
+        return outcome
+
+    monkeypatch.setattr(engine_module.CandidateRunner, "run", run)
+    out = tmp_path / "run"
+    assert search.main(["--latency-budget", "50ms", "--trials", "2", "--out", str(out),
+                        "--baselines", "IdentityFormer-S12", *FAST]) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["preset"] == "IdentityFormer-S12" and best["trial"] is None
+    assert searchspace.Arch.from_dict(best["arch"]) == target
+    assert best["search_accuracy"] == 0.99 and best["latency_ms"] <= 50.0
+    assert searchspace.load_model(out)(torch.randn(1, 1, 16, 16)).shape == (1, 10)
+    printed = capsys.readouterr().out
+    assert "winner (preset IdentityFormer-S12)" in printed and printed.count("IdentityFormer-S12") == 1
+    assert "the preset **IdentityFormer-S12**" in (out / "report.md").read_text()
+
+
 def test_budget_nothing_meets_says_so_and_suggests_one(tmp_path, capsys):
     code = search.main(["--latency-budget", "1us", "--trials", "2", "--out", str(tmp_path / "run"),
                         "--baselines", "none", *FAST])

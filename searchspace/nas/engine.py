@@ -120,13 +120,14 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
         _write_report(result, metric)
         return result
 
-    winner = _choose_winner(rows, runner, metric, config.budget_ms, echo)
+    # The presets are points of the space too: evaluated the same way, one that fits can win.
+    result.baselines = _baselines(config, runner, out, metric, echo)
+    winner = _choose_winner(rows + _preset_candidates(result.baselines), runner, metric, config.budget_ms, echo)
     if winner is None:
         _write_report(result, metric)
         _plots(result, metric)
         raise NoArchitectureFits(_nothing_fits_message(rows, config))
 
-    result.baselines = _baselines(config, runner, out, metric, echo)
     result.best = _final(config, winner, data, device, spec, out, metric, echo)
     write_json(out / "best.json", result.best)
     if config.objective == "pareto":
@@ -168,6 +169,19 @@ def _recalibrate(table, rows, echo) -> None:
         echo(f"latency table calibrated on {len(pairs)} measured candidates: {cal}")
 
 
+def _preset_candidates(baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete baseline rows in the shape of trial rows (``trial`` None, ``preset`` their name)."""
+    from ..presets import preset
+
+    return [{**b, "trial": None, "preset": b["name"], "arch": preset(b["name"]).to_json()}
+            for b in baselines if b["state"] == "complete"]
+
+
+def candidate_label(row: dict[str, Any]) -> str:
+    """``trial 12`` or ``preset EfficientMod-xs``."""
+    return f"trial {row['trial']}" if row.get("preset") is None else f"preset {row['preset']}"
+
+
 def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float, echo) -> dict[str, Any] | None:
     """Re-measure the best few candidates side by side; the winner is the best whose latency still fits."""
     ok = [r for r in rows if r["state"] == "complete" and r.get(metric) is not None
@@ -182,7 +196,7 @@ def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float,
                            timer=runner.timer)
     for r, m in zip(finalists, results):
         r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context
-        echo(f"finalist trial {r['trial']}: {metric} {r[metric]:.4f}, re-measured {format_ms(m.value_ms)} "
+        echo(f"finalist {candidate_label(r)}: {metric} {r[metric]:.4f}, re-measured {format_ms(m.value_ms)} "
              f"(spread {m.spread:.1%})")
     fitting = [r for r in finalists if r["final_ms"] <= budget_ms]
     return fitting[0] if fitting else None
@@ -245,14 +259,15 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
     arch = Arch.from_json(winner["arch"])
     base_epochs = config.epochs or TrainEvaluator().epochs
     epochs = config.final_epochs or 4 * base_epochs
-    echo(f"training the winner (trial {winner['trial']}) for {epochs} epochs")
+    echo(f"training the winner ({candidate_label(winner)}) for {epochs} epochs")
     trainer = TrainEvaluator(epochs=epochs, seed=config.seed, device=device, threads=config.train_threads)
     model, ev = trainer.train(arch, data)
     ctx = winner["context"]
     best = {
         "arch": arch.to_dict(),
         "summary": arch.summary(),
-        "trial": winner["trial"],
+        "trial": winner["trial"],  # None when a preset won
+        "preset": winner.get("preset"),
         "accuracy": ev.accuracy,
         "search_" + metric: winner[metric],
         "latency_ms": winner["final_ms"],

@@ -39,7 +39,8 @@ def render_report(result, metric: str) -> str:
         lines += [
             "## Winner",
             "",
-            f"`{best['summary']}`",
+            f"`{best['summary']}`" + (f": the preset **{best['preset']}**, evaluated like the trials, beat every "
+                                      f"searched candidate" if best.get("preset") else ""),
             "",
             f"- validation accuracy after {best['final_epochs']} epochs: **{best['accuracy']:.4f}** "
             f"(during the search: {_fmt(best.get('search_' + metric))} {metric})",
