@@ -17,10 +17,10 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def render_report(result, metric: str) -> str:
-    cfg, rows, best = result.config, result.trials, result.best
-    states = Counter(r["state"] for r in rows)
     from .engine import resolve_device
 
+    cfg, rows, best = result.config, result.trials, result.best
+    states = Counter(r["state"] for r in rows)
     device = resolve_device(cfg.device)  # what "auto" stands for here
     lines = [
         "# MixerNAS search report",
