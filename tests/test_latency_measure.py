@@ -367,27 +367,40 @@ def test_cuda_measure_many_interleaved():
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only")
-def test_cpu_measurements_run_without_page_fault_churn():
+def test_cpu_measurements_run_without_page_fault_churn(monkeypatch):
     # Large activations must not be mapped fresh on every forward pass (glibc's default above 32 MiB): then a
     # block timed alone and the same block inside a model would meet different allocator states.
     import resource
 
-    from searchspace.latency.measure import STEADY_ALLOCATOR, steady_allocator
+    from searchspace.latency import measure as measure_module
 
-    result = measure_latency(nn.Identity(), InputSpec(1, 1, 8, 8), threads=1, warmup=1, rounds=1, runs_per_round=1)
-    if not steady_allocator():
-        pytest.skip("not glibc: the allocator is left as it is")
-    assert STEADY_ALLOCATOR in result.context.options
-    big = nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU(), nn.Conv2d(8, 8, 1))  # 8 x 1024 x 1024 floats: 32 MiB each
-    x = torch.randn(1, 8, 1024, 1024)
-    with torch.inference_mode():
-        for _ in range(2):
-            big(x)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        for _ in range(3):
-            big(x)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    assert faults < 1000  # 3 passes of fresh 32 MiB buffers would fault ~24,000 4-KiB pages
+    # What is tested is the allocator of this process as measurements set it, not a value left in the cache by an
+    # earlier test or the environment's opt-out.
+    monkeypatch.delenv(measure_module.ALLOCATOR_ENV, raising=False)
+    measure_module.steady_allocator.cache_clear()
+    threads = torch.get_num_threads()
+    try:
+        result = measure_latency(nn.Identity(), InputSpec(1, 1, 8, 8), threads=1, warmup=1, rounds=1,
+                                 runs_per_round=1)
+        if not measure_module.steady_allocator():
+            pytest.skip("not glibc: the allocator is left as it is")
+        assert measure_module.STEADY_ALLOCATOR in result.context.options
+        big = nn.Sequential(nn.Conv2d(8, 8, 1), nn.GELU(), nn.Conv2d(8, 8, 1))  # 8 x 1024 x 1024 floats: 32 MiB
+        x = torch.randn(1, 8, 1024, 1024)
+        torch.set_num_threads(1)  # as measurements run, whatever an earlier test left
+        faults = []
+        with torch.inference_mode():
+            for _ in range(10):
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                big(x)
+                faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    finally:
+        torch.set_num_threads(threads)
+        measure_module.steady_allocator.cache_clear()
+    # Churn faults on every pass (~24,000 4-KiB pages: three fresh 32 MiB buffers). A steady heap faults only while
+    # it grows to its peak, over the first passes: 24,576 + 24,576 + 8,192 pages at one thread, and how many passes
+    # that takes depends on the thread count and on what the process allocated before. After that, none.
+    assert max(faults[5:]) < 1000, f"page faults per pass: {faults}"
 
 
 def test_steady_allocator_can_be_turned_off(monkeypatch):
