@@ -35,7 +35,8 @@ def _scale(dim: int, init: float | None) -> nn.Module:
     return nn.Identity() if init is None else Scale(dim, init)
 
 
-def _resolved(run: Blocks, arch: Arch) -> dict[str, Any]:
+def resolved_options(run: Blocks, arch: Arch) -> dict[str, Any]:
+    """A run's norm, activation and MLP bias: its own where it sets them, else the architecture's."""
     return {
         "norm": run.norm or arch.norm,
         "act": run.act or arch.act,
@@ -51,7 +52,7 @@ class MetaFormerBlock(nn.Module):
 
     def __init__(self, dim: int, run: Blocks, arch: Arch, index: int = 0, drop_path: float = 0.0):
         super().__init__()
-        cfg = _resolved(run, arch)
+        cfg = resolved_options(run, arch)
         self.norm1 = make_norm(cfg["norm"], dim, arch.norm_eps)
         self.mixer = create_mixer(run.mixer, dim, **run.block_args(index))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -76,7 +77,7 @@ class FusedBlock(nn.Module):
 
     def __init__(self, dim: int, run: Blocks, arch: Arch, index: int = 0, drop_path: float = 0.0):
         super().__init__()
-        cfg = _resolved(run, arch)
+        cfg = resolved_options(run, arch)
         self.norm = make_norm(cfg["norm"], dim, arch.norm_eps)
         self.mixer = create_mixer(run.mixer, dim, **run.block_args(index))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -94,7 +95,7 @@ class CASViTBlock(nn.Module):
         super().__init__()
         from .mixers.additive import LocalIntegration
 
-        cfg = _resolved(run, arch)
+        cfg = resolved_options(run, arch)
         self.local = LocalIntegration(dim, act=cfg["act"], norm=cfg["norm"])
         self.norm1 = make_norm(cfg["norm"], dim, arch.norm_eps)
         self.mixer = create_mixer(run.mixer, dim, **run.block_args(index))
@@ -142,6 +143,10 @@ class ConvNorm(nn.Module):
         x = self.conv(x)
         return x if self.norm_first else self.norm(x)
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H, W)`` this layer gives for an input of ``height x width`` (what ``forward`` computes)."""
+        return _conv_size(self.conv, height, width, self.pad_to_stride)
+
 
 class ConvStem(nn.Module):
     """Two 3x3 stride-2 convolutions (width/2 then width), each with norm and ReLU (CAS-ViT)."""
@@ -157,8 +162,23 @@ class ConvStem(nn.Module):
         x = F.relu(self.norm1(self.conv1(x)))
         return F.relu(self.norm2(self.conv2(x)))
 
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        return _conv_size(self.conv2, *_conv_size(self.conv1, height, width))
 
-# factory(in_chans, width, arch) -> module reducing the resolution by 4
+
+def _conv_size(conv: nn.Conv2d, height: int, width: int, pad_to_stride: bool = False) -> tuple[int, int]:
+    """Output size of ``conv``: ``floor((n + 2 * padding - kernel) / stride) + 1`` per axis, after padding the input
+    to a multiple of the stride when ``pad_to_stride``."""
+    out = []
+    for n, k, s, p in zip((height, width), conv.kernel_size, conv.stride, conv.padding):
+        n = n + (-n) % s if pad_to_stride else n
+        out.append((n + 2 * p - k) // s + 1)
+    return out[0], out[1]
+
+
+# factory(in_chans, width, arch) -> module reducing the resolution by 4. A stem or downsampling layer may say what
+# size it outputs (``output_size(height, width)``); the latency table asks it, and runs it on the meta device when
+# it does not.
 STEMS.add("conv7_s4", lambda cin, cout, arch: ConvNorm(cin, cout, 7, 4, 2, arch.embed_norm, arch.norm_eps, False))
 STEMS.add("conv7_s4_p3", lambda cin, cout, arch: ConvNorm(cin, cout, 7, 4, 3, arch.embed_norm, arch.norm_eps, False))
 STEMS.add("patch4", lambda cin, cout, arch: ConvNorm(cin, cout, 4, 4, 0, arch.embed_norm, arch.norm_eps, False,

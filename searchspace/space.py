@@ -228,17 +228,16 @@ class ChoiceSpace(SearchSpace):
                                                 f"({mixer}, width {width}, {dict(args)}) cannot build: {exc}") from None
 
     def define(self, trial: TrialLike) -> Arch:
-        act = trial.suggest_categorical("act", list(self.acts)) if len(self.acts) > 1 else self.acts[0]
+        act = trial.suggest_categorical(ACT_PARAM, list(self.acts)) if len(self.acts) > 1 else self.acts[0]
         stages = []
         for i, sc in enumerate(self.stages):
-            p = f"s{i + 1}"
-            mixer = _choose(trial, f"{p}.mixer", sc.mixers)
-            args = {k: _choose(trial, f"{p}.{mixer}.{k}", v) for k, v in sc.mixer_args.get(mixer, {}).items()}
+            mixer = _choose(trial, stage_param(i, "mixer"), sc.mixers)
+            args = {k: _choose(trial, stage_param(i, k, mixer), v) for k, v in sc.mixer_args.get(mixer, {}).items()}
             stages.append(Stage(
                 mixer=mixer, mixer_args=args,
-                depth=_choose(trial, f"{p}.depth", sc.depths),
-                width=_choose(trial, f"{p}.width", sc.widths),
-                mlp_ratio=_choose(trial, f"{p}.mlp_ratio", sc.mlp_ratios),
+                depth=_choose(trial, stage_param(i, "depth"), sc.depths),
+                width=_choose(trial, stage_param(i, "width"), sc.widths),
+                mlp_ratio=_choose(trial, stage_param(i, "mlp_ratio"), sc.mlp_ratios),
                 res_scale=sc.res_scale,
             ))
         return Arch(stages=tuple(stages), act=act, **self.base)
@@ -249,23 +248,35 @@ class ChoiceSpace(SearchSpace):
     def params_of(self, arch: Arch) -> dict[str, Any] | None:
         params: dict[str, Any] = {}
         if len(self.acts) > 1:
-            params["act"] = arch.act
+            params[ACT_PARAM] = arch.act
         if len(arch.stages) != len(self.stages):
             return None
         for i, (sc, st) in enumerate(zip(self.stages, arch.stages)):
-            p = f"s{i + 1}"
-            params.update({f"{p}.mixer": st.mixer, f"{p}.depth": st.depth, f"{p}.width": st.width,
-                           f"{p}.mlp_ratio": st.mlp_ratio})
+            params.update({stage_param(i, "mixer"): st.mixer, stage_param(i, "depth"): st.depth,
+                           stage_param(i, "width"): st.width, stage_param(i, "mlp_ratio"): st.mlp_ratio})
             for k in sc.mixer_args.get(st.mixer, {}):
                 if k not in st.mixer_args:
                     return None
-                params[f"{p}.{st.mixer}.{k}"] = st.mixer_args[k]
+                params[stage_param(i, k, st.mixer)] = st.mixer_args[k]
         params = {k: v for k, v in params.items() if _is_decision(self, k)}
         try:
             rebuilt = self.sample(params)
         except MixerNASError:
             return None
         return params if rebuilt == dataclasses.replace(arch, name="") else None
+
+
+ACT_PARAM = "act"  # the trial parameter of the activation, when the space offers more than one
+
+
+def stage_param(index: int, field: str, mixer: str | None = None) -> str:
+    """The trial parameter of stage ``index`` (from 0): ``s3.width``, or ``s3.strip_attention.sr_ratio`` for one
+    of a mixer's arguments. The one place the names are made: studies resume and compare by them.
+
+    >>> stage_param(2, "width"), stage_param(2, "sr_ratio", "strip_attention")
+    ('s3.width', 's3.strip_attention.sr_ratio')
+    """
+    return f"s{index + 1}.{mixer}.{field}" if mixer else f"s{index + 1}.{field}"
 
 
 def _choose(trial: TrialLike, name: str, choices: Sequence[Any]) -> Any:

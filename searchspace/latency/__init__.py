@@ -4,7 +4,7 @@
 >>> budget_ms = parse_budget("5ms")
 >>> result = measure_latency("PoolFormerV2-S12", InputSpec(height=64, width=64), threads=1)  # doctest: +SKIP
 >>> result.value_ms <= budget_ms, str(result)  # doctest: +SKIP
-(False, '13.8 ms (spread 2.5% over 5 rounds of 15 runs) on Intel(R) Xeon(R) Processor [cpu], 1 thread, ...')
+(False, '13.8 ms +-0.9% (95% interval 13.7 ms to 13.9 ms; 12 rounds of 2 runs, reference-corrected ...')
 >>> table = LatencyTable.open("cpu", InputSpec(height=64, width=64), threads=1)  # cached on disk  # doctest: +SKIP
 >>> table.build_for_space("default")  # doctest: +SKIP
 >>> table.predict(searchspace.preset("PoolFormerV2-S12")).total_ms  # no model built  # doctest: +SKIP
@@ -14,6 +14,7 @@ From the shell: ``python -m searchspace.latency PoolFormerV2-S12 --input-size 22
 """
 
 from .budget import ACCEPTED_FORMS, BudgetError, format_ms, parse_budget
+from .cache import default_cache_dir
 from .counting import COUNTER_NAME, Counts, count_macs, count_params, count_params_macs
 from .measure import (
     DEFAULT_INPUT,
@@ -28,31 +29,33 @@ from .measure import (
     device_name,
     measure_latency,
     measure_many,
+    median_interval,
     num_threads,
+    reference_for,
     relative_spread,
     resolve_device,
     robust_latency,
     run_rounds,
     summarize,
     thread_cpu_timer,
+    warm_until_steady,
 )
-from .table import (
-    BlockPart,
-    Calibration,
-    DownsamplePart,
-    HeadPart,
-    LatencyTable,
-    PartProtocol,
-    Prediction,
-    StemPart,
-    TableKey,
-    arch_parts,
-    default_cache_dir,
-    stage_resolutions,
-)
+from .parts import BlockPart, DownsamplePart, HeadPart, StemPart, arch_parts, stage_resolutions
+from .predictor import Accuracy, Calibration, Features, fit_calibration
+from .reference import Anchor, Reference
+from .storage import TableKey
+from .table import LatencyTable, PartProtocol, Prediction
 
 __all__ = [
     "ACCEPTED_FORMS",
+    "Accuracy",
+    "Anchor",
+    "Features",
+    "Reference",
+    "fit_calibration",
+    "median_interval",
+    "reference_for",
+    "warm_until_steady",
     "BlockPart",
     "Calibration",
     "DownsamplePart",

@@ -1,13 +1,16 @@
-"""``python -m searchspace.latency <preset | arch.json>``: measure a model here, with its context, counts and the
-lookup table's prediction beside the measurement.
+"""``python -m searchspace.latency <preset | arch.json>``: measure a model here, with its interval, context,
+counts and the lookup table's prediction beside the measurement.
+
+``python -m searchspace.latency build --space default --input-size 32 --channels 1``: build, calibrate and
+check this device's lookup table, and print what its predictions are worth here.
 
     $ python -m searchspace.latency PoolFormerV2-S12 --input-size 224 --threads 1
     PoolFormerV2-S12: pooling x2 @64 | pooling x2 @128 | pooling x6 @320 | pooling x2 @512
-    measured    35.1 ms  (spread 1.2% over 5 rounds of 6 runs)
-    context     Intel(R) Xeon(R) Processor [cpu], 1 thread, 1x3x224x224 nchw float32, torch 2.x
+    measured    35.1 ms +-0.8% (95% interval 34.9 ms to 35.4 ms; 10 rounds of 3 runs, reference-corrected ...)
+    context     AMD EPYC [cpu], 1 thread, 1x3x224x224 nchw float32, steady-allocator, reference-corrected, ...
     params      11.89 M
     MACs        1.81 G  (counted by torch FlopCounterMode)
-    predicted   34.6 ms  (-1.4% vs measured; lookup table calibrated on 6 models: ...)
+    predicted   34.6 ms  (-1.4% vs measured; lookup table, form 'weights' fitted on 10 models: ...)
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ Measure the latency of a preset or an architecture JSON file on this machine, pr
 context (device, threads, input, dtype, torch version), the parameter and MAC counts, and the per-device lookup
 table's prediction beside it.
 
-Units: latencies in milliseconds (ms) or microseconds (us); the measured value is the lowest round median
-(noise only adds time) and the spread is how much slower the typical round was, in percent. Params and MACs
-(multiply-accumulates, one forward pass at the given input) are counted by torch's FlopCounterMode.
+Units: latencies in milliseconds (ms) or microseconds (us). The measured value is the median over short
+interleaved rounds; on the CPU each round is divided by a fixed reference model timed in the same round and
+multiplied by that reference's anchor (its latency on this machine, measured once and cached), so the machine's
+own drift divides out. The +-% is the half-width of the value's 95% interval; rounds are added until it is
+within --tolerance, or the line says it could not get there. Params and MACs (multiply-accumulates, one forward
+pass at the given input) are counted by torch's FlopCounterMode.
+
+To build and check a whole table first: python -m searchspace.latency build --help.
 
 The lookup table is cached per device, threads, torch version, batch, dtype and input size in
 $MIXERNAS_CACHE_DIR, else $XDG_CACHE_HOME/mixernas, else ~/.cache/mixernas; parts of this architecture that
@@ -51,10 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads while measuring (default: torch's current count; 1 gives the "
                         "steadiest numbers on a small shared CPU)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute precision (default: float32)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds before the agreement check (default: 5)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed runs before the rounds (default: 10)")
-    p.add_argument("--round-ms", type=float, default=200.0,
-                   help="target duration of one round in ms; sets the runs per round (default: 200)")
+    p.add_argument("--rounds", type=int, default=10, help="rounds before the interval is checked (default: 10)")
+    p.add_argument("--tolerance", type=float, default=0.02,
+                   help="half-width of the 95%% interval to reach, as a fraction (default: 0.02 = +-2%%)")
+    p.add_argument("--max-extra-rounds", type=int, default=40,
+                   help="most rounds added while the interval is wider than --tolerance (default: 40)")
+    p.add_argument("--warmup", type=int, default=10,
+                   help="untimed runs at least before the rounds; warm-up goes on until steady (default: 10)")
+    p.add_argument("--round-ms", type=float, default=20.0,
+                   help="target duration of one round in ms; sets the runs per round (default: 20)")
+    p.add_argument("--no-reference", action="store_true",
+                   help="CPU: report plain round medians, without the reference workload's drift correction")
     p.add_argument("--clock", choices=("wall", "thread"), default="wall",
                    help="wall: elapsed time (default); thread: CPU time of the measuring thread, which leaves out the "
                         "time other processes hold the core (needs --threads 1)")
@@ -103,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
         timer = thread_cpu_timer
     model = build_model(arch, num_classes=args.num_classes, in_chans=args.channels)
     result = measure_latency(model, spec, device=args.device, threads=args.threads, warmup=args.warmup,
-                             rounds=args.rounds, target_round_ms=args.round_ms, timer=timer)
+                             rounds=args.rounds, target_round_ms=args.round_ms, timer=timer,
+                             tolerance=args.tolerance, max_extra_rounds=args.max_extra_rounds,
+                             reference=False if args.no_reference else "auto")
     counts = count_params_macs(model, spec)
 
     prediction = table = None
@@ -128,10 +145,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(data))
         return 0
 
-    again = ", re-measured" if result.remeasured else ""
     print(f"{arch.name or args.arch}: {arch.summary()}")
-    print(f"measured    {format_ms(result.value_ms)}  (spread {result.spread:.1%} over {result.rounds} rounds of "
-          f"{result.runs_per_round} runs{again}; lowest round median)")
+    print(f"measured    {result.describe()}")
     clock = ", thread CPU time" if timer is not None else ""
     print(f"context     {result.context}{clock}")
     print(f"params      {_si(counts.params)}  ({counts.params:,})")
@@ -145,7 +160,100 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+BUILD_DESCRIPTION = """\
+Build, calibrate and check this device's latency table for a search space, and print what its predictions are
+worth on this machine before a search relies on them.
+
+1. Every part the space can use at this input (stem, blocks, downsampling layers, head) is measured, with a
+   progress bar (parts already in the cache are kept; --rebuild measures everything again).
+2. --models whole architectures drawn from the space are measured and the predictor is fitted on them (the form
+   with the best leave-one-out error).
+3. --check further architectures, not used by the fit, are predicted and then measured: their mean absolute
+   percentage error, share within +-10% and Kendall tau are the table's accuracy here. They refine the table
+   afterwards.
+
+Latencies are in ms, measured as `python -m searchspace.latency --help` describes (reference-corrected on the
+CPU). The table is cached per device, threads, torch version, batch, channels, dtype and input size."""
+
+
+def build_build_parser() -> argparse.ArgumentParser:
+    p = cli.Parser(prog="python -m searchspace.latency build", description=BUILD_DESCRIPTION,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--space", default="default", help="search space name or package.module:function (default: default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--input-size", default="224", metavar="N | HxW",
+                   help="image size in pixels, square (32) or height x width (256x192) (default: 224)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
+    p.add_argument("--channels", type=int, default=3, help="input channels (default: 3; the digits have 1)")
+    p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10, the digits)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: 1 on the CPU, as the search measures)")
+    p.add_argument("--models", type=int, default=10, help="whole models the predictor is fitted on (default: 10)")
+    p.add_argument("--check", type=int, default=10,
+                   help="further whole models predicted, then measured, to check the table (default: 10; 0 = skip)")
+    p.add_argument("--seed", type=int, default=0, help="which architectures are drawn (default: 0)")
+    p.add_argument("--rebuild", action="store_true", help="forget this key's entries, calibration and anchor first")
+    p.add_argument("--cache-dir", default=None, help="folder of the lookup tables (default: the user cache)")
+    p.add_argument("--json", action="store_true", help="print one JSON object at the end instead of text")
+    return p
+
+
+def run_build(args: argparse.Namespace) -> int:
+    import time
+
+    from ..space import get_space
+    from .table import LatencyTable, sample_archs
+
+    height, width = parse_size(args.input_size)
+    spec = InputSpec(batch=args.batch_size, channels=args.channels, height=height, width=width)
+    for name in ("models", "check"):
+        if getattr(args, name) < 0:
+            raise MixerNASError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.models < 4:
+        raise MixerNASError(f"--models {args.models} is too few to fit and check a predictor; use 4 or more")
+    space = get_space(args.space)
+    threads = args.threads or (1 if args.device == "cpu" else None)
+    start = time.perf_counter()
+    table = LatencyTable.open(args.device, spec, threads=threads, cache_dir=args.cache_dir, rebuild=args.rebuild,
+                              num_classes=args.num_classes)
+    try:
+        built = table.build_for_space(space)
+    except MixerNASError:  # a define-by-run space: its parts are measured with the models drawn from it
+        built = 0
+    calibration = table.ensure_calibrated(space, models=args.models, seed=args.seed)
+    have = {o.arch for o in table.observations}
+    checked = None
+    if args.check:
+        archs = sample_archs(space, args.check, seed=args.seed + 1, exclude=have)
+        print(f"checking the table on {len(archs)} architectures it was not fitted on", file=sys.stderr)
+        checked = table.check(archs)
+    seconds = time.perf_counter() - start
+    ref = table.reference()
+    if args.json:
+        data = {"table": str(table.path), "parts": len(table), "measured_now": built, "seconds": seconds,
+                "calibration": calibration.to_dict(), "check": None if checked is None else vars(checked),
+                "refined": table.calibration.to_dict(), "device_name": table.key.device_name,
+                "anchor_ms": None if ref is None else ref.anchor.ms}
+        print(json.dumps(data))
+        return 0
+    print(f"table       {table.path}")
+    print(f"device      {table.key.device_name} [{table.key.device}], {table.key.threads} thread(s), input "
+          f"{spec.batch}x{spec.channels}x{spec.height}x{spec.width} {spec.dtype}, torch {table.key.torch_version}")
+    if ref is not None:
+        print(f"reference   anchor {ref.anchor.ms:.3f} ms +-{ref.anchor.precision:.1%} (every CPU figure is "
+              f"corrected by it)")
+    print(f"parts       {len(table)} in the table ({built} measured now); {seconds:.0f} s in all")
+    print(f"fitted      {calibration}")
+    if checked is not None:
+        print(f"held out    {checked}  <- what the table's predictions are worth on this machine")
+    print(f"refined     {table.calibration}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build"]:
+        return cli.main(build_build_parser(), run_build, argv[1:])
     return cli.main(build_parser(), run, argv)
 
 

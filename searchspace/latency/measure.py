@@ -2,24 +2,26 @@
 
 The protocol, and why:
 
-* **Fixed threads, inference mode, eval mode, warm-up.** The thread count is set for the measurement and restored
-  afterwards; warm-up runs (allocator, caches, oneDNN/cuDNN kernel selection) are never timed.
-* **Rounds of runs; the statistic is the lowest round median.** Each round times ``runs_per_round`` forward passes
-  and keeps their median (robust to a few slow runs). On a shared CPU, noise (other processes, frequency changes,
-  interrupts) only ever *adds* time: a whole round can be 38x slow, none can be faster than the model allows. So the
-  fastest round median is the best estimate of what the model costs, and it does not move when a round is hit.
-* **Spread** = ``(median of round medians - lowest round median) / lowest round median``: how much slower a typical
-  round was than the best one. It ignores a single spiked round, but grows when the machine is slow for a while.
-* **Bounded re-measurement.** When the spread exceeds ``tolerance`` the rounds disagree: extra rounds are measured
-  (at most ``max_extra_rounds``) until the typical round agrees with the best one again.
-* **Interleaving.** :func:`measure_many` visits every model in each round (starting with a different model each
-  round), so a slow phase of the machine hits all of them alike and their ratios are fair.
+* **Fixed threads, inference mode, eval mode, warm-up until steady.** The thread count is set for the
+  measurement and restored afterwards. Warm-up runs (allocator, caches, oneDNN/cuDNN kernel selection) are never
+  timed; they go on, block by block, until two blocks agree (:func:`warm_until_steady`), within a bound.
+* **Short interleaved rounds.** Each round times ``runs_per_round`` forward passes (about ``target_round_ms``)
+  and keeps their median. :func:`measure_many` visits every model in each round, starting one later each round,
+  so a slow phase of the machine hits all of them alike.
+* **A reference workload in the same rounds (CPU).** A fixed model (:mod:`.reference`) is timed in every round;
+  the latency is the median of the per-round ratios model / reference, times the reference's *anchor* (its
+  latency on this machine, measured once and cached). The machine's own drift, shared by both, divides out.
+* **The statistic and its interval.** The value is the median over rounds (of the corrected round medians);
+  its interval is the distribution-free confidence interval of a median from order statistics
+  (:func:`median_interval`, 95%). Rounds are added, at most ``max_extra_rounds``, until the interval's
+  half-width is within ``tolerance`` of the value; ``converged`` says whether it got there.
+* **Spread** = ``(median round - fastest round) / fastest round``, kept for display.
 * **CUDA:** each run is timed with CUDA events and synchronised; options for cuDNN benchmark, channels_last,
-  float16/bfloat16 (cast or autocast) and CUDA graphs (capture once, time ``graph.replay()``).
+  float16/bfloat16 (cast or autocast) and CUDA graphs (capture once, time ``graph.replay()``). No reference.
 
 >>> result = measure_latency("PoolFormerV2-S12", InputSpec(height=64, width=64), threads=1)  # doctest: +SKIP
 >>> print(result)  # doctest: +SKIP
-13.8 ms (spread 2.5% over 5 rounds of 15 runs) on Intel(R) Xeon(R) Processor [cpu], 1 thread, 1x3x64x64 nchw ...
+13.8 ms +-0.9% (95% interval 13.7-13.9 ms, 12 rounds of 2 runs, reference-corrected) on AMD EPYC [cpu], ...
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import torch
 from torch import nn
 
 from ..errors import MixerNASError
+from . import reference as _reference
 from .budget import format_ms
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,7 +58,7 @@ LAYOUTS = {
 # tested with scripted timings instead of a real clock.
 Timer = Callable[[Callable[[], Any]], float]
 
-MIN_RUNS_PER_ROUND = 5  # a median of fewer runs is itself noisy
+MIN_RUNS_PER_ROUND = 3  # a median of fewer runs is itself noisy; rounds are short, their number gives precision
 MAX_RUNS_PER_ROUND = 1000  # tiny workloads (an identity mixer) would otherwise ask for millions
 
 
@@ -127,29 +130,49 @@ class LatencyContext:
 
 @dataclass(frozen=True)
 class Summary:
-    """The robust statistic of a set of rounds (see :func:`summarize`)."""
+    """The statistic of a set of rounds (see :func:`summarize`), in milliseconds."""
 
-    value_ms: float  # lowest round median
-    spread: float  # (median of round medians - lowest) / lowest
-    round_medians_ms: tuple[float, ...]
+    value_ms: float  # median over rounds (of the reference-corrected round medians when there is a reference)
+    spread: float  # (median - lowest) / lowest of the same per-round values
+    round_medians_ms: tuple[float, ...]  # the per-round values, in the order measured
     runs: int  # timed runs over all rounds
+    ci_low_ms: float = math.nan  # the value's confidence interval (order statistics, CONFIDENCE)
+    ci_high_ms: float = math.nan
+    raw_ms: float = math.nan  # median of the plain round medians, before any correction
+
+    @property
+    def precision(self) -> float:
+        """Relative half-width of the interval: 0.01 means the value is known to +-1%."""
+        return max(self.value_ms - self.ci_low_ms, self.ci_high_ms - self.value_ms) / self.value_ms
 
 
 @dataclass(frozen=True)
 class LatencyResult:
-    """A measured latency with its spread and context. ``str(result)`` is one readable line."""
+    """A measured latency with its interval and context. ``str(result)`` is one readable line."""
 
-    value_ms: float  # lowest round median: noise only adds time, so the fastest typical round is the model's cost
-    spread: float  # relative: (median of round medians - lowest) / lowest; 0.02 means typical rounds were 2% slower
-    round_medians_ms: tuple[float, ...]  # in the order measured
-    runs: int  # timed runs in all rounds (warm-up and calibration excluded)
+    value_ms: float  # median over rounds; on the CPU, of the per-round ratio to the reference times its anchor
+    spread: float  # relative: (median round - fastest round) / fastest round
+    round_medians_ms: tuple[float, ...]  # per-round values in the order measured (reference-corrected if used)
+    runs: int  # timed runs in all rounds (warm-up excluded)
     runs_per_round: int
-    remeasured: bool  # rounds disagreed beyond the tolerance and extra rounds were measured
+    remeasured: bool  # the interval was too wide after the first rounds and more were measured
     context: LatencyContext
+    ci_low_ms: float = math.nan  # 95% confidence interval of the value
+    ci_high_ms: float = math.nan
+    converged: bool = True  # the interval reached the tolerance asked for (else: the best the rounds allowed)
+    tolerance: float = 0.0  # the relative half-width asked for
+    raw_ms: float = math.nan  # median of the plain round medians (what the clock said, uncorrected)
+    anchor_ms: float | None = None  # the reference's anchor on this machine (None: no reference)
+    drift: float | None = None  # reference's median in these rounds / its anchor (1.10 = machine 10% slow)
 
     @property
     def rounds(self) -> int:
         return len(self.round_medians_ms)
+
+    @property
+    def precision(self) -> float:
+        """Relative half-width of the interval (0.01 = +-1%)."""
+        return max(self.value_ms - self.ci_low_ms, self.ci_high_ms - self.value_ms) / self.value_ms
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -157,12 +180,19 @@ class LatencyResult:
         data["context"]["input_shape"] = list(self.context.input_shape)
         data["context"]["options"] = list(self.context.options)
         data["round_medians_ms"] = list(self.round_medians_ms)
+        data["precision"] = self.precision
         return data
 
+    def describe(self) -> str:
+        """The value with its interval and how it was obtained, without the context."""
+        again = "" if self.converged else f", wider than the +-{self.tolerance:.1%} asked for"
+        ref = f", reference-corrected (machine at {self.drift:.2f}x its anchor)" if self.drift is not None else ""
+        return (f"{format_ms(self.value_ms)} +-{self.precision:.1%} ({CONFIDENCE:.0%} interval "
+                f"{format_ms(self.ci_low_ms)} to {format_ms(self.ci_high_ms)}{again}; {self.rounds} rounds of "
+                f"{self.runs_per_round} runs{ref})")
+
     def __str__(self) -> str:
-        again = ", re-measured" if self.remeasured else ""
-        return (f"{format_ms(self.value_ms)} (spread {self.spread:.1%} over {self.rounds} rounds of "
-                f"{self.runs_per_round} runs{again}) on {self.context}")
+        return f"{self.describe()} on {self.context}"
 
 
 # ------------------------------------------------------------------------------------------ the statistic (pure)
@@ -199,15 +229,56 @@ def relative_spread(round_medians: Sequence[float]) -> float:
     return (typical - best) / best if best > 0 else math.inf
 
 
-def summarize(timings_per_round: Sequence[Sequence[float]]) -> Summary:
-    """Median of each round, then the lowest of those medians and their spread.
+CONFIDENCE = 0.95
+
+
+def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """Distribution-free confidence interval of the median of ``values``, from their order statistics.
+
+    The ``k``-th smallest and ``k``-th largest values bound the median with probability
+    ``1 - 2 P(Binomial(n, 1/2) < k)``; ``k`` is the largest that keeps that at least ``confidence``. Below six
+    values no such ``k`` exists at 95% and the interval is the range.
+
+    >>> median_interval([5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 10.0])
+    (2.0, 9.0)
+    """
+    ordered = sorted(_finite_timings(values, "values"))
+    n = len(ordered)
+    tail, k = 0.0, 0  # tail = P(Binomial(n, 1/2) <= k - 1)
+    while k < n // 2:
+        nxt = tail + math.comb(n, k) / 2.0 ** n
+        if 2 * nxt > 1 - confidence:
+            break
+        tail, k = nxt, k + 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+def summarize(timings_per_round: Sequence[Sequence[float]],
+              reference_rounds: Sequence[Sequence[float]] | None = None, anchor_ms: float | None = None) -> Summary:
+    """Median of each round; then the median over rounds, its interval and spread.
+
+    With ``reference_rounds`` (the reference's timings in the same rounds) and its ``anchor_ms``, each round's
+    median is first divided by the reference's median of that round and multiplied by the anchor.
 
     >>> s = summarize([[2.0, 2.1, 2.0], [60.0, 61.0, 59.0], [2.1, 2.0, 2.2]])
-    >>> s.value_ms, round(s.spread, 3), s.runs
-    (2.0, 0.05, 9)
+    >>> s.value_ms, s.runs
+    (2.1, 9)
+    >>> summarize([[2.0], [4.0]], reference_rounds=[[1.0], [2.0]], anchor_ms=1.0).value_ms  # the machine halved
+    2.0
     """
-    medians = tuple(statistics.median(_finite_timings(r, "timings")) for r in timings_per_round)
-    return Summary(robust_latency(medians), relative_spread(medians), medians, sum(len(r) for r in timings_per_round))
+    medians = [statistics.median(_finite_timings(r, "timings")) for r in timings_per_round]
+    raw = statistics.median(medians)
+    values = medians
+    if reference_rounds is not None:
+        ref = [statistics.median(_finite_timings(r, "reference timings")) for r in reference_rounds]
+        if len(ref) != len(medians) or anchor_ms is None or any(v <= 0 for v in ref):
+            raise MeasurementError("a reference correction needs positive reference timings for every round and "
+                                   "an anchor")
+        values = [m / r * anchor_ms for m, r in zip(medians, ref)]
+    low, high = median_interval(values)
+    return Summary(statistics.median(values), relative_spread(values), tuple(values),
+                   sum(len(r) for r in timings_per_round), low, high, raw)
 
 
 # ------------------------------------------------------------------------------ the measuring loop (clock injected)
@@ -264,16 +335,44 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def warm_until_steady(fn: Callable[[], Any], timer: Timer, *, min_runs: int, block: int = 5,
+                      tolerance: float = 0.03, max_ms: float = 2000.0, max_runs: int = 500) -> list[float]:
+    """Untimed-for-the-result runs of ``fn`` until the machine and the model are warm; returns their timings.
+
+    At least ``min_runs``; then blocks of ``block`` runs until a block's median is within ``tolerance`` of the
+    previous block's (caches, allocator and kernel choices have settled), or ``max_ms`` / ``max_runs`` are spent.
+
+    >>> times = iter([9.0, 7.0, 5.0, 3.0, 2.0] + [2.0] * 20)
+    >>> len(warm_until_steady(lambda: None, lambda fn: next(times), min_runs=0, block=5))
+    15
+    """
+    times = [timer(fn) for _ in range(min_runs)]
+    previous = None
+    while len(times) < max_runs and sum(times) < max_ms:
+        recent = [timer(fn) for _ in range(max(1, block))]
+        times.extend(recent)
+        current = statistics.median(recent)
+        if previous is not None and abs(current - previous) <= tolerance * max(previous, 1e-12):
+            break
+        previous = current
+    return times
+
+
 def run_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence[int], *, rounds: int, tolerance: float,
-               max_extra_rounds: int, timer: Timer = cpu_timer) -> list[list[list[float]]]:
+               max_extra_rounds: int, timer: Timer = cpu_timer,
+               done: Callable[[list[list[list[float]]]], bool] | None = None) -> list[list[list[float]]]:
     """Time ``fns`` in interleaved rounds; returns ``timings[fn][round][run]`` in milliseconds.
 
     Each round visits every fn, starting one later each round; when there are several, one untimed run settles the
-    caches after switching. While any fn's rounds disagree (:func:`relative_spread` above ``tolerance``), one extra
-    round of all fns is measured, at most ``max_extra_rounds`` times.
+    caches after switching. After ``rounds`` rounds, one more round of all fns is measured while ``done(timings)``
+    is false, at most ``max_extra_rounds`` times. The default ``done``: every fn's interval (:func:`summarize`) is
+    within ``tolerance`` of its value.
     """
     timings: list[list[list[float]]] = [[] for _ in fns]
     settle = 1 if len(fns) > 1 else 0
+    if done is None:
+        def done(t: list[list[list[float]]]) -> bool:
+            return all(summarize(rows).precision <= tolerance for rows in t)
 
     def one_round(index: int) -> None:
         for k in range(len(fns)):
@@ -286,7 +385,7 @@ def run_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence[int], 
     for index in range(rounds):
         one_round(index)
     extra = 0
-    while extra < max_extra_rounds and any(summarize(t).spread > tolerance for t in timings):
+    while extra < max_extra_rounds and not done(timings):
         one_round(rounds + extra)
         extra += 1
     return timings
@@ -459,16 +558,17 @@ def measure_many(
     device: torch.device | str = "cpu",
     threads: int | None = None,
     warmup: int = 10,
-    rounds: int = 5,
+    rounds: int = 10,
     runs_per_round: int | None = None,
-    tolerance: float = 0.05,
-    max_extra_rounds: int = 5,
-    target_round_ms: float = 200.0,
+    tolerance: float = 0.02,
+    max_extra_rounds: int = 40,
+    target_round_ms: float = 20.0,
     cudnn_benchmark: bool = False,
     channels_last: bool = False,
     autocast: bool = False,
     cuda_graphs: bool = False,
     timer: Timer | None = None,
+    reference: Any = "auto",
 ) -> list[LatencyResult]:
     """Measure several models side by side, alternating rounds between them; results in the order given.
 
@@ -479,19 +579,23 @@ def measure_many(
         input_spec: one spec for all models, or one per model (e.g. a token-layout input for a transformer layer).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         threads: torch intra-op threads during the measurement (restored afterwards); None keeps the current count.
-        warmup: untimed runs per model before the first round (also used to size rounds when
-            ``runs_per_round`` is None; at least one such run is made then).
-        rounds: rounds per model before the agreement check.
+        warmup: untimed runs per model at least, before the first round; warm-up then goes on until it is steady
+            (:func:`warm_until_steady`). Also sizes the rounds when ``runs_per_round`` is None.
+        rounds: rounds per model before the interval is checked.
         runs_per_round: timed runs per round; None sizes each model's rounds to last about ``target_round_ms``
-            (at least 5, at most 1000 runs).
-        tolerance: rounds agree when the median round median is within this fraction of the lowest (0.05 = 5%);
-            otherwise up to ``max_extra_rounds`` more rounds of all models are measured.
+            (at least 3, at most 1000 runs). Short rounds keep a model and the reference close in time.
+        tolerance: the relative half-width of the 95% interval to reach (0.02 = +-2%): while a model's interval
+            is wider, one more round of all models is measured, at most ``max_extra_rounds`` times; results that
+            did not get there say so (``converged=False``).
         cudnn_benchmark: CUDA only; let cuDNN pick the fastest kernels (during warm-up).
         channels_last: channels-last memory format for the model and its ``nchw`` input.
         autocast: for float16/bfloat16 specs, keep the model in float32 and run under ``torch.autocast``
             instead of casting the model and input.
         cuda_graphs: CUDA only; capture the forward pass in a CUDA graph and time its replay.
         timer: ``timer(fn) -> milliseconds``; defaults to the wall clock on CPU and CUDA events on a GPU.
+        reference: ``"auto"`` (on the CPU: time the reference workload in the same rounds and correct by it, see
+            :mod:`.reference`; its anchor is read from, or measured once into, the cache folder), ``False`` (plain
+            round medians), or a :class:`~.reference.Reference` to use (the latency table passes its own).
 
     >>> spec = InputSpec(height=64, width=64)
     >>> a, b = measure_many(["IdentityFormer-S12", "PoolFormerV2-S12"], spec)  # doctest: +SKIP
@@ -525,6 +629,10 @@ def measure_many(
     ]
     with contextlib.ExitStack() as stack:
         threads_used = stack.enter_context(num_threads(threads))
+        ref = _resolve_reference(reference, dev, specs[0], threads_used, timer)
+        if ref is not None:
+            prepared.append(ref.module())
+            specs = [*specs, InputSpec(**{**ref.key["input"]})]
         for model in prepared:
             stack.enter_context(_eval_mode(model))
         if dev.type == "cuda":
@@ -541,26 +649,83 @@ def measure_many(
             fns.append(_cuda_graph(model, x) if cuda_graphs else (lambda model=model, x=x: model(x)))
         per_round = []
         for fn in fns:
-            warm = [timer(fn) for _ in range(max(warmup, 0 if runs_per_round else 1))]
+            warm = warm_until_steady(fn, timer, min_runs=max(warmup, 0 if runs_per_round else 1))
             per_round.append(runs_per_round or calibrate_runs(warm, target_round_ms))
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
+
+        def summaries(t: list[list[list[float]]]) -> list[Summary]:
+            if ref is None:
+                return [summarize(rows) for rows in t]
+            return [summarize(rows, t[-1], ref.anchor.ms) for rows in t[:-1]]
+
         timings = run_rounds(fns, per_round, rounds=rounds, tolerance=tolerance, max_extra_rounds=max_extra_rounds,
-                             timer=timer)
+                             timer=timer, done=lambda t: all(x.precision <= tolerance for x in summaries(t)))
 
     context = dict(device=str(dev), device_name=device_name(dev), threads=threads_used,
                    torch_version=torch.__version__.split("+")[0])
     options = tuple(name for name, on in (("cudnn_benchmark", cudnn_benchmark), ("channels_last", channels_last),
                                           ("autocast", autocast), ("cuda_graphs", cuda_graphs),
-                                          (STEADY_ALLOCATOR, steady)) if on)
+                                          (STEADY_ALLOCATOR, steady), (REFERENCE_OPTION, ref is not None)) if on)
+    drift = None
+    if ref is not None:
+        drift = statistics.median(statistics.median(r) for r in timings[-1]) / ref.anchor.ms
     results = []
-    for spec, rounds_of_model, n in zip(specs, timings, per_round):
-        summary = summarize(rounds_of_model)
+    for spec, rounds_of_model, n, summary in zip(specs, timings, per_round, summaries(timings)):
         ctx = LatencyContext(batch=spec.batch, input_shape=spec.shape, layout=spec.layout, dtype=spec.dtype,
                              options=options, **context)
-        results.append(LatencyResult(summary.value_ms, summary.spread, summary.round_medians_ms, summary.runs, n,
-                                     remeasured=len(rounds_of_model) > rounds, context=ctx))
+        results.append(LatencyResult(
+            summary.value_ms, summary.spread, summary.round_medians_ms, summary.runs, n,
+            remeasured=len(rounds_of_model) > rounds, context=ctx, ci_low_ms=summary.ci_low_ms,
+            ci_high_ms=summary.ci_high_ms, converged=summary.precision <= tolerance, tolerance=tolerance,
+            raw_ms=summary.raw_ms, anchor_ms=ref.anchor.ms if ref is not None else None, drift=drift))
     return results
+
+
+REFERENCE_OPTION = "reference-corrected"  # the context option that says the value is corrected by the reference
+
+
+def reference_key(device: torch.device, spec: InputSpec, threads: int) -> dict[str, Any]:
+    """What an anchor is valid for: this CPU model, thread count, torch version and input."""
+    return {"device": device.type, "device_name": device_name(device), "threads": threads,
+            "torch_version": torch.__version__.split("+")[0], "batch": spec.batch, "height": spec.height,
+            "width": spec.width, "dtype": spec.dtype,
+            "input": {"batch": spec.batch, "channels": spec.channels, "height": spec.height, "width": spec.width,
+                      "dtype": spec.dtype}}
+
+
+def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, timer: Timer | None = None,
+                  cache_dir: str | None = None, anchor_rounds: int = 40) -> _reference.Reference:
+    """The reference workload for ``spec`` on this machine, with its anchor: read from the cache, or measured now
+    (``anchor_rounds`` short rounds, a few seconds) and stored for every later measurement with the same key."""
+    dev = resolve_device(device)
+    if dev.type != "cpu":
+        raise MeasurementError("the reference workload corrects CPU measurements only")
+    if spec.layout != "nchw":
+        spec = InputSpec(spec.batch, spec.channels, spec.height, spec.width, spec.dtype)
+    key = reference_key(dev, spec, threads)
+    anchor = _reference.read_anchor(key, cache_dir)
+    if anchor is None:
+        [result] = measure_many([_reference.reference_model(spec.channels)], spec, device=dev, threads=threads,
+                                rounds=anchor_rounds, max_extra_rounds=0, target_round_ms=20.0, timer=timer,
+                                reference=False)
+        anchor = _reference.write_anchor(key, _reference.Anchor(result.value_ms, result.ci_low_ms,
+                                                                result.ci_high_ms, result.rounds,
+                                                                _reference.now()), cache_dir)
+    return _reference.Reference(key, anchor, spec.channels)
+
+
+def _resolve_reference(reference: Any, dev: torch.device, spec: InputSpec, threads: int,
+                       timer: Timer) -> _reference.Reference | None:
+    if isinstance(reference, _reference.Reference):
+        return reference
+    if reference is False or reference is None or dev.type != "cpu":
+        if reference is True and dev.type != "cpu":
+            raise MeasurementError("reference=True corrects CPU measurements only; use it with device='cpu'")
+        return None
+    if reference not in (True, "auto"):
+        raise MeasurementError(f"reference must be 'auto', True, False or a Reference, got {reference!r}")
+    return reference_for(dev, spec, threads, timer=timer)
 
 
 def measure_latency(
@@ -570,16 +735,17 @@ def measure_latency(
     device: torch.device | str = "cpu",
     threads: int | None = None,
     warmup: int = 10,
-    rounds: int = 5,
+    rounds: int = 10,
     runs_per_round: int | None = None,
-    tolerance: float = 0.05,
-    max_extra_rounds: int = 5,
-    target_round_ms: float = 200.0,
+    tolerance: float = 0.02,
+    max_extra_rounds: int = 40,
+    target_round_ms: float = 20.0,
     cudnn_benchmark: bool = False,
     channels_last: bool = False,
     autocast: bool = False,
     cuda_graphs: bool = False,
     timer: Timer | None = None,
+    reference: Any = "auto",
 ) -> LatencyResult:
     """Measure one model, ``Arch``, preset name or arch JSON path; arguments as in :func:`measure_many`.
 
@@ -591,5 +757,5 @@ def measure_latency(
         [model_or_arch], input_spec, device=device, threads=threads, warmup=warmup, rounds=rounds,
         runs_per_round=runs_per_round, tolerance=tolerance, max_extra_rounds=max_extra_rounds,
         target_round_ms=target_round_ms, cudnn_benchmark=cudnn_benchmark, channels_last=channels_last,
-        autocast=autocast, cuda_graphs=cuda_graphs, timer=timer,
+        autocast=autocast, cuda_graphs=cuda_graphs, timer=timer, reference=reference,
     )[0]

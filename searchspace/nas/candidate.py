@@ -64,9 +64,9 @@ class CandidateRunner:
     """Evaluates candidates under a latency budget on one device; see the module docstring."""
 
     def __init__(self, *, budget_ms: float, predictor, evaluator, data, input_spec: InputSpec, device: str,
-                 threads: int | None, measure_rounds: int = 3):
+                 threads: int | None, measure_rounds: int = 10):
         self.budget_ms = budget_ms
-        self.predictor = predictor  # .predict(arch).total_ms, or None to measure everything
+        self.predictor = predictor  # .predict(arch).total_ms (and .observe(arch, ms)), or None to measure everything
         self.evaluator = evaluator
         self.data = data
         self.input_spec = input_spec
@@ -87,9 +87,15 @@ class CandidateRunner:
         return None
 
     def measure(self, model: torch.nn.Module):
-        """A quick robust measurement of a candidate; finalists are measured again side by side."""
+        """A robust measurement of a candidate (reference-corrected on the CPU, to +-2% where the machine allows);
+        finalists are measured again side by side."""
         return measure_latency(model, self.input_spec, device=self.device, threads=self.threads,
-                               rounds=self.measure_rounds, warmup=5, target_round_ms=100.0, timer=self.timer)
+                               rounds=self.measure_rounds, warmup=5, timer=self.timer)
+
+    def observe(self, arch: Arch, measured_ms: float) -> None:
+        """Give a whole-model measurement to the latency table, which refits its prediction on it."""
+        if self.predictor is not None and hasattr(self.predictor, "observe"):
+            self.predictor.observe(arch, measured_ms)
 
     def run(self, arch: Arch, report: Callable[[int, float], bool] | None = None) -> Outcome:
         """Screen, measure and evaluate ``arch``. ``report(epoch, accuracy) -> prune?`` is passed to training.
@@ -110,6 +116,7 @@ class CandidateRunner:
             result = self.measure(model)
             del model
             out.measured_ms, out.measured_spread = result.value_ms, result.spread
+            self.observe(arch, result.value_ms)
             if result.value_ms > self.budget_ms:
                 out.state = "infeasible"
                 return out

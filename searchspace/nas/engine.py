@@ -111,7 +111,9 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
         from .nni_backend import run_study  # noqa: F811
     rows, interrupted = run_study(config, space, runner, progress=progress, echo=echo)
     write_csv(out / "trials.csv", rows)
-    _recalibrate(predictor, rows, echo)
+    if predictor is not None:
+        predictor.refresh()
+        echo(f"latency table, refined by this search's measurements: {predictor.calibration}")
 
     metric = "accuracy" if config.evaluator == "train" else "score"
     result = SearchResult(out_dir=out, config=config, best=None, trials=rows, interrupted=interrupted)
@@ -151,22 +153,21 @@ def make_evaluator(config: SearchConfig, device: str):
 
 def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num_classes: int, progress: bool,
                    echo):
-    """The device's lookup table; parts a candidate needs and the table lacks are measured on first use and cached,
-    so a search pays only for the blocks it meets and the next search on this device reuses them."""
+    """The device's lookup table, calibrated on a few whole models when it is new to this device and input (with
+    its held-out accuracy printed, so the user knows what its screening is worth); parts a candidate needs are
+    measured on first use and cached, and every candidate measured refines the calibration."""
     from ..latency.table import LatencyTable
 
     table = LatencyTable.open(device=device, input_spec=spec, threads=threads, num_classes=num_classes)
-    echo(f"latency table: {len(table)} blocks cached for this device and input ({table.path})")
+    echo(f"latency table: {len(table)} parts and {len(table.observations)} whole models cached for this device "
+         f"and input ({table.path})")
+    try:
+        calibration = table.ensure_calibrated(space, progress=progress)
+    except MixerNASError as exc:  # a define-by-run space the table cannot draw from: calibrate on the trials
+        echo(f"latency table: not calibrated before the search ({exc}); the trials' measurements will do it")
+        return table
+    echo(f"latency table prediction on this machine: {calibration}")
     return table
-
-
-def _recalibrate(table, rows, echo) -> None:
-    """The trials' real measurements calibrate the table for the next search on this device (free: no new runs)."""
-    pairs = [(Arch.from_json(r["arch"]), r["measured_ms"]) for r in rows
-             if r.get("measured_ms") is not None and r.get("arch")]
-    if len(pairs) >= 5:
-        cal = table.calibrate([a for a, _ in pairs], [m for _, m in pairs], progress=False)
-        echo(f"latency table calibrated on {len(pairs)} measured candidates: {cal}")
 
 
 def _preset_candidates(baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -192,7 +193,7 @@ def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float,
         return None
     archs = [Arch.from_json(r["arch"]) for r in finalists]
     models = [arch_model(a, runner.data) for a in archs]
-    results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads, rounds=7,
+    results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads,
                            timer=runner.timer)
     for r, m in zip(finalists, results):
         r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context

@@ -269,7 +269,9 @@ def _measurer_class():
             runner = self.searches[key]
             model = arch_model(Arch.from_dict(arch), runner.data)
             with self.gate.exclusive(timeout=GATE_TIMEOUT_S):
-                return CandidateRunner.measure(runner, model)
+                result = CandidateRunner.measure(runner, model)
+                CandidateRunner.observe(runner, Arch.from_dict(arch), result.value_ms)  # refines the table
+                return result
 
         @ray.method(concurrency_group="measure")
         def predict(self, key: str, arch: dict) -> float:
@@ -439,6 +441,9 @@ class RayCandidateRunner(CandidateRunner):
             result = _get(self.measurer.measure.remote(self.key, arch))
         self.partial.update(measured_ms=result.value_ms, measured_spread=result.spread)
         return result
+
+    def observe(self, arch: Arch, measured_ms: float) -> None:
+        """Nothing here: the measuring actor gives its measurements to the table it holds."""
 
     def _without_lease(self):
         return self.lease.given_up() if self.lease is not None else contextlib.nullcontext()

@@ -1,0 +1,206 @@
+"""From the table's parts to a whole model's latency: features, fitted forms, and their held-out accuracy.
+
+A plain sum of parts timed one by one misses what only a whole model pays, and what it misses depends on the
+model: a fixed cost per part (code and data a part run alone in a loop keeps hot; it dominates at 32x32, where a
+block takes tens of microseconds) and the cost of streaming the weights (a part alone keeps its few hundred KB in
+cache; a whole model at 32x32 carries tens of MB, more than the last-level cache, and reads them from memory on
+every pass). So each model is described by a few features of its parts (:class:`Features`): the sum of their
+table latencies, how many there are, and the megabytes of weights they hold. A *form* is a choice of features;
+its coefficients are fitted by least squares on the relative error of whole models measured for real, and the
+form kept is the one that predicts best *held out* (leave-one-out over the measured models), never assumed.
+Forms with more coefficients need more models (:data:`MIN_EXTRA_MODELS` beyond their coefficient count).
+
+The held-out predictions also give what a user needs to know before trusting a table: mean absolute percentage
+error, the share within +-10%, and Kendall's tau of the ranking (:class:`Accuracy`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import MixerNASError
+
+# The forms, simplest first (ties go to the simpler): the features each one uses besides the sum of parts.
+FORMS: dict[str, tuple[str, ...]] = {
+    "scale": (),
+    "offset": ("one",),
+    "per_part": ("parts",),
+    "weights": ("weight_mb",),
+    "per_part+weights": ("parts", "weight_mb"),
+    "full": ("parts", "weight_mb", "one"),
+}
+MIN_EXTRA_MODELS = 3  # a form with k coefficients is tried on at least k + 3 models (leave-one-out fits k + 2)
+TIE = 0.002  # a more complex form must predict at least 0.2 points better held out to be chosen
+
+
+class CalibrationError(MixerNASError, ValueError):
+    """Calibration data that cannot be fitted (mismatched, non-positive or too few)."""
+
+
+@dataclass(frozen=True)
+class Features:
+    """What a whole model is made of, as the predictor sees it."""
+
+    sum_ms: float  # sum of the parts' table latencies
+    parts: int  # stem, blocks, downsampling layers and head
+    weight_mb: float  # megabytes of parameters the parts hold (in the measured dtype)
+
+    def vector(self, form: str) -> list[float]:
+        values = {"one": 1.0, "parts": float(self.parts), "weight_mb": self.weight_mb}
+        return [self.sum_ms, *(values[name] for name in FORMS[form])]
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """How well predictions matched measurements."""
+
+    mape: float  # mean absolute percentage error (0.03 = 3%)
+    within10: float  # share of models predicted within +-10%
+    tau: float  # Kendall's tau between predicted and measured order (nan for fewer than two models)
+    models: int
+
+    def __str__(self) -> str:
+        return (f"mean error {self.mape:.1%}, {self.within10:.0%} within +-10%, Kendall tau {self.tau:.3f} "
+                f"over {self.models} models")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``predicted = coefficients . features(form)``; the identity (plain sum) until fitted on whole models."""
+
+    form: str = "scale"
+    coefficients: tuple[float, ...] = (1.0,)
+    models: int = 0  # whole models the fit used
+    fit_mape: float | None = None  # error on those models after the fit
+    holdout: Accuracy | None = None  # each model predicted by a fit on the others (leave-one-out)
+
+    def apply(self, features: Features) -> float:
+        return math.fsum(c * v for c, v in zip(self.coefficients, features.vector(self.form)))
+
+    @property
+    def scale(self) -> float:
+        return self.coefficients[0]
+
+    def __str__(self) -> str:
+        if not self.models:
+            return "uncalibrated (plain sum of parts)"
+        names = ("sum", *FORMS[self.form])
+        terms = " + ".join(f"{c:.4g} x {n}" if n != "one" else f"{c:.4g} ms" for c, n in zip(self.coefficients, names))
+        held = f"; held out: {self.holdout}" if self.holdout is not None else ""
+        return f"form {self.form!r} fitted on {self.models} models: {terms} (fit error {self.fit_mape:.1%}{held})"
+
+    def to_dict(self) -> dict:
+        data = {"form": self.form, "coefficients": list(self.coefficients), "models": self.models,
+                "fit_mape": self.fit_mape}
+        data["holdout"] = None if self.holdout is None else vars(self.holdout).copy()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Calibration:
+        if data["form"] not in FORMS or len(data["coefficients"]) != 1 + len(FORMS[data["form"]]):
+            raise CalibrationError(f"unknown calibration form {data['form']!r}")
+        holdout = Accuracy(**data["holdout"]) if data.get("holdout") else None
+        return cls(data["form"], tuple(float(c) for c in data["coefficients"]), int(data["models"]),
+                   data.get("fit_mape"), holdout)
+
+
+IDENTITY = Calibration()
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
+    """Kendall's tau-b of two sequences (ties counted as neither concordant nor discordant).
+
+    >>> kendall_tau([1, 2, 3], [10, 20, 30]), kendall_tau([1, 2, 3], [3, 2, 1])
+    (1.0, -1.0)
+    """
+    n = len(a)
+    if n < 2:
+        return math.nan
+    concordant = discordant = ties_a = ties_b = 0
+    for i in range(n):
+        for j in range(i + 1, n):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ties_a += 1
+            elif db == 0:
+                ties_b += 1
+            elif (da > 0) == (db > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = math.sqrt((concordant + discordant + ties_a) * (concordant + discordant + ties_b))
+    return (concordant - discordant) / denominator if denominator else math.nan
+
+
+def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
+    """MAPE, share within +-10% and Kendall's tau of ``predicted`` against ``measured``.
+
+    >>> str(accuracy([1.0, 2.2, 2.9], [1.0, 2.0, 3.0]))
+    'mean error 4.4%, 100% within +-10%, Kendall tau 1.000 over 3 models'
+    """
+    if len(predicted) != len(measured) or not measured:
+        raise CalibrationError("accuracy needs as many predictions as measurements, at least one")
+    rel = [(p - m) / m for p, m in zip(predicted, measured)]
+    return Accuracy(sum(abs(r) for r in rel) / len(rel), sum(abs(r) <= 0.10 for r in rel) / len(rel),
+                    kendall_tau(list(predicted), list(measured)), len(rel))
+
+
+def _solve(rows: list[list[float]], measured: list[float]) -> list[float]:
+    """Coefficients minimising the squared relative error ``sum(((x . c) - m) / m)^2``."""
+    a = np.array([[v / m for v in row] for row, m in zip(rows, measured)], dtype=float)
+    coefficients, *_ = np.linalg.lstsq(a, np.ones(len(rows)), rcond=None)
+    return [float(c) for c in coefficients]
+
+
+def _fit_form(features: Sequence[Features], measured: list[float], form: str) -> Calibration:
+    rows = [f.vector(form) for f in features]
+    fit = Calibration(form, tuple(_solve(rows, measured)))
+    mape = sum(abs(fit.apply(f) - m) / m for f, m in zip(features, measured)) / len(measured)
+    return Calibration(form, fit.coefficients, len(measured), mape)
+
+
+def holdout_predictions(features: Sequence[Features], measured: Sequence[float], form: str) -> list[float]:
+    """Each model predicted by the ``form`` fitted on all the other models (leave-one-out)."""
+    m = [float(v) for v in measured]
+    out = []
+    for i in range(len(m)):
+        fit = _fit_form(features[:i] + features[i + 1:], m[:i] + m[i + 1:], form)
+        out.append(fit.apply(features[i]))
+    return out
+
+
+def fit_calibration(features: Sequence[Features], measured_ms: Sequence[float], *, form: str = "auto") -> Calibration:
+    """Fit the predictor on whole models measured for real; ``form="auto"`` keeps the form with the lowest
+    leave-one-out error among those the number of models allows (see the module docstring).
+
+    >>> feats = [Features(s, 10, 1.0) for s in (10.0, 20.0, 40.0)]
+    >>> round(fit_calibration(feats, [11.0, 22.0, 44.0]).scale, 6)
+    1.1
+    """
+    features = list(features)
+    m = [float(v) for v in measured_ms]
+    if len(features) != len(m) or not m:
+        raise CalibrationError(f"calibration needs one measurement per model, got {len(m)} for {len(features)}")
+    if any(not (math.isfinite(v) and v > 0) for v in m) or any(not (f.sum_ms > 0) for f in features):
+        raise CalibrationError("calibration needs positive, finite part sums and measured latencies")
+    if form != "auto" and form not in FORMS:
+        raise CalibrationError(f"calibration form must be 'auto' or one of {', '.join(FORMS)}; got {form!r}")
+    candidates = list(FORMS) if form == "auto" else [form]
+    usable = [f for f in candidates if len(m) >= 1 + len(FORMS[f]) + MIN_EXTRA_MODELS]
+    if not usable:
+        fit = _fit_form(features, m, "scale" if form == "auto" else form)
+        return fit
+    best = None
+    for name in usable:  # simplest first: a later form must beat the best so far by TIE
+        held = accuracy(holdout_predictions(features, m, name), m)
+        if best is None or held.mape < best[1].mape - TIE:
+            best = (name, held)
+    name, held = best
+    fit = _fit_form(features, m, name)
+    return Calibration(fit.form, fit.coefficients, fit.models, fit.fit_mape, held)
