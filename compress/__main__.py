@@ -33,8 +33,8 @@ classifier trained on other classes (an ImageNet checkpoint) is replaced by a ne
 classes - its accuracy starts at chance, so recipes for such checkpoints should fine-tune first.
 
 Units: latency in milliseconds (ms) or microseconds (us), measured on --device with --threads at batch 1 and
---input-size pixels: the lowest median of interleaved rounds, with the spread of the rounds in percent. Params
-and MACs (multiply-accumulates of one forward pass) are counts; accuracy is validation top-1 in [0, 1]. The
+--input-size pixels: the median of short interleaved rounds (reference-corrected on the CPU), with the spread of
+the rounds in percent. Params and MACs (multiply-accumulates of one forward pass) are counts; accuracy is validation top-1 in [0, 1]. The
 speed-up is original / compressed latency, measured side by side in one run."""
 
 EPILOG = """\
@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a timm training checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     g = p.add_argument_group("latency measurement")
-    g.add_argument("--rounds", type=int, default=5, help="interleaved rounds per measurement (default: 5)")
+    g.add_argument("--rounds", type=int, default=10, help="interleaved rounds per measurement (default: 10)")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs before measuring (default: 10)")
-    g.add_argument("--round-ms", type=float, default=200.0,
-                   help="target length of one round in milliseconds; sets the runs per round (default: 200)")
+    g.add_argument("--round-ms", type=float, default=20.0,
+                   help="target length of one round in milliseconds; sets the runs per round (default: 20)")
     g.add_argument("--no-step-latency", action="store_true",
                    help="measure latency only before and after the recipe, not after every step")
     p.add_argument("--quiet", action="store_true", help="print only the summary")

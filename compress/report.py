@@ -109,8 +109,8 @@ class Report:
             params = ", ".join(f"{k}={_short(v)}" for k, v in s.params.items())
             figures = ", ".join(f"{k}={_short(v)}" for k, v in s.figures.items() if k not in _COLUMNS)
             lines.append(f"{s.index}. **{s.name}**({params})" + (f"  \n   reported: {figures}" if figures else ""))
-        lines += ["", "Latency is the lowest median of interleaved rounds (noise only adds time), with the spread of "
-                  "the rounds; MACs are counted by torch's FlopCounterMode for one forward pass at the input above. "
+        lines += ["", "Latency is the median of short interleaved rounds (on the CPU corrected by a reference workload "
+                  "timed in the same rounds), with the spread of the rounds; MACs are counted by torch's FlopCounterMode for one forward pass at the input above. "
                   "MACs are not latency: only measured speed-ups count.", ""]
         if self.environment:
             lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in self.environment.items() if v) + ".")

@@ -1,7 +1,8 @@
 """``measure``: parameters, MACs, measured latency and validation accuracy of the model at this point.
 
-Latency follows :mod:`searchspace.latency`'s protocol (inference mode, fixed threads, warm-up, interleaved rounds,
-lowest round median with its spread) and carries its context (device, threads, input, dtype, torch version).
+Latency follows :mod:`searchspace.latency`'s protocol (inference mode, fixed threads, warm-up until steady, short
+interleaved rounds, on the CPU corrected by the reference workload timed in the same rounds; the median with its
+95% interval) and carries its context (device, threads, input, dtype, torch version).
 ``compress.apply`` calls :func:`measure_model` before the recipe and after every step, so the report has the
 figures step by step; a ``measure`` step in a recipe records them again at that point, with its own settings.
 """
@@ -20,10 +21,10 @@ from . import Param, StepContext, register_step
 class MeasureOptions:
     """How latency is measured (see :func:`searchspace.latency.measure_latency`)."""
 
-    warmup: int = 10  # untimed runs first
-    rounds: int = 5  # interleaved rounds; the statistic is the lowest round median
-    target_round_ms: float = 200.0  # a round lasts about this long (sets the runs per round)
-    max_extra_rounds: int = 5  # re-measure while rounds disagree by more than 5%, at most this many times
+    warmup: int = 10  # untimed runs at least (warm-up goes on until steady)
+    rounds: int = 10  # interleaved rounds before the interval is checked; the statistic is their median
+    target_round_ms: float = 20.0  # a round lasts about this long (sets the runs per round)
+    max_extra_rounds: int = 40  # more rounds while the 95% interval is wider than +-2%, at most this many
 
     def kwargs(self) -> dict[str, Any]:
         return {"warmup": self.warmup, "rounds": self.rounds, "target_round_ms": self.target_round_ms,
@@ -63,7 +64,7 @@ def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, a
     params={
         "latency": Param(bool, True, help="measure latency on the device (false: counts and accuracy only)"),
         "accuracy": Param(bool, True, help="validation top-1 accuracy, when there is data"),
-        "rounds": Param(int, None, minimum=1, help="latency rounds (default: the run's setting, 5)"),
+        "rounds": Param(int, None, minimum=1, help="latency rounds (default: the run's setting, 10)"),
     },
 )
 def measure(ctx: StepContext, latency: bool, accuracy: bool, rounds: int | None) -> dict[str, Any]:

@@ -695,9 +695,11 @@ def reference_key(device: torch.device, spec: InputSpec, threads: int) -> dict[s
 
 
 def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, timer: Timer | None = None,
-                  cache_dir: str | None = None, anchor_rounds: int = 40) -> _reference.Reference:
+                  cache_dir: str | None = None, anchor_rounds: int = 30,
+                  anchor_tolerance: float = 0.01) -> _reference.Reference:
     """The reference workload for ``spec`` on this machine, with its anchor: read from the cache, or measured now
-    (``anchor_rounds`` short rounds, a few seconds) and stored for every later measurement with the same key."""
+    (at least ``anchor_rounds`` short rounds, more until its interval is within ``anchor_tolerance``, at most a
+    few seconds) and stored for every later measurement with the same key."""
     dev = resolve_device(device)
     if dev.type != "cpu":
         raise MeasurementError("the reference workload corrects CPU measurements only")
@@ -707,8 +709,8 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
     anchor = _reference.read_anchor(key, cache_dir)
     if anchor is None:
         [result] = measure_many([_reference.reference_model(spec.channels)], spec, device=dev, threads=threads,
-                                rounds=anchor_rounds, max_extra_rounds=0, target_round_ms=20.0, timer=timer,
-                                reference=False)
+                                rounds=anchor_rounds, max_extra_rounds=3 * anchor_rounds, target_round_ms=20.0,
+                                tolerance=anchor_tolerance, timer=timer, reference=False)
         anchor = _reference.write_anchor(key, _reference.Anchor(result.value_ms, result.ci_low_ms,
                                                                 result.ci_high_ms, result.rounds,
                                                                 _reference.now()), cache_dir)
