@@ -34,7 +34,8 @@ classes - its accuracy starts at chance, so recipes for such checkpoints should 
 
 Units: latency in milliseconds (ms) or microseconds (us), measured on --device with --threads at batch 1 and
 --input-size pixels: the median of short interleaved rounds (reference-corrected on the CPU), with the spread of
-the rounds in percent. Params and MACs (multiply-accumulates of one forward pass) are counts; accuracy is validation top-1 in [0, 1]. The
+the rounds in percent. Params and MACs (multiply-accumulates of one forward pass) are counts; accuracy is
+validation top-1 in [0, 1]. The
 speed-up is original / compressed latency, measured side by side in one run."""
 
 EPILOG = """\

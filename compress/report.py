@@ -110,7 +110,8 @@ class Report:
             figures = ", ".join(f"{k}={_short(v)}" for k, v in s.figures.items() if k not in _COLUMNS)
             lines.append(f"{s.index}. **{s.name}**({params})" + (f"  \n   reported: {figures}" if figures else ""))
         lines += ["", "Latency is the median of short interleaved rounds (on the CPU corrected by a reference workload "
-                  "timed in the same rounds), with the spread of the rounds; MACs are counted by torch's FlopCounterMode for one forward pass at the input above. "
+                  "timed in the same rounds), with the spread of the rounds; "
+                  "MACs are counted by torch's FlopCounterMode for one forward pass at the input above. "
                   "MACs are not latency: only measured speed-ups count.", ""]
         if self.environment:
             lines.append("Environment: " + ", ".join(f"{k} {v}" for k, v in self.environment.items() if v) + ".")
