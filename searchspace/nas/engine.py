@@ -197,8 +197,8 @@ def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float,
                            timer=runner.timer)
     for r, m in zip(finalists, results):
         r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context
-        echo(f"finalist {candidate_label(r)}: {metric} {r[metric]:.4f}, re-measured {format_ms(m.value_ms)} "
-             f"(spread {m.spread:.1%})")
+        r["final_interval_ms"], r["final_precision"] = [m.ci_low_ms, m.ci_high_ms], m.precision
+        echo(f"finalist {candidate_label(r)}: {metric} {r[metric]:.4f}, re-measured {m.describe()}")
     fitting = [r for r in finalists if r["final_ms"] <= budget_ms]
     return fitting[0] if fitting else None
 
@@ -273,6 +273,8 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
         "search_" + metric: winner[metric],
         "latency_ms": winner["final_ms"],
         "latency_spread": winner["final_spread"],
+        "latency_interval_ms": winner["final_interval_ms"],  # 95% confidence interval of latency_ms
+        "latency_precision": winner["final_precision"],  # its relative half-width
         "budget_ms": config.budget_ms,
         "fits": winner["final_ms"] <= config.budget_ms,
         "input_size": data.input_size,
