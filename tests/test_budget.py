@@ -88,3 +88,11 @@ def test_long_garbage_is_shortened_in_the_message():
                                       (0.0123, "12.3 µs")])
 def test_format_ms(ms, text):
     assert format_ms(ms) == text
+
+
+@pytest.mark.parametrize("ms, text", [(9.996, "10.0 ms"), (99.96, "100 ms"), (999.6, "1.00 s"), (0.9996, "1.00 ms"),
+                                      (0.09996, "100 µs")])
+def test_format_ms_keeps_three_digits_when_rounding_reaches_the_next_decade(ms, text):
+    # a latency's interval is printed with format_ms: "9.99 ms to 10.00 ms" or "999 ms to 1000 ms" read as a
+    # change of precision or unit that is not there
+    assert format_ms(ms) == text

@@ -1,9 +1,14 @@
-"""Latency measurement: the robust statistic and the re-measure loop against scripted timings (no real clock),
-the measuring protocol (threads, eval mode, interleaving, context), bad input, parameter/MAC counting, and a real
-smoke test on a tiny model. CUDA paths run only where there is a GPU."""
+"""Latency measurement: the statistic (median over rounds, its order-statistics interval, the reference
+correction) and the measuring loop (warm-up until steady, interleaved rounds, rounds added until the interval is
+tight) against scripted timings (no real clock in an assertion); the reference workload and its cached anchor;
+the measuring protocol (threads, eval mode, interleaving, context), bad input, parameter/MAC counting, and real
+smoke tests on tiny models. CUDA paths run only where there is a GPU."""
 
 import json
 import math
+import random
+import statistics
+from collections import Counter
 
 import pytest
 import torch
@@ -13,21 +18,38 @@ import searchspace
 from searchspace import MixerNASError
 from searchspace.latency import (
     COUNTER_NAME,
+    Anchor,
     InputSpec,
     LatencyResult,
     MeasurementError,
+    Reference,
     calibrate_runs,
     count_params_macs,
+    default_cache_dir,
     measure_latency,
     measure_many,
+    median_interval,
+    reference_for,
     relative_spread,
     robust_latency,
     run_rounds,
     summarize,
+    warm_until_steady,
+)
+from searchspace.latency import reference as reference_module
+from searchspace.latency.cache import CACHE_ENV
+from searchspace.latency.measure import (
+    CONFIDENCE,
+    MIN_RUNS_PER_ROUND,
+    REFERENCE_OPTION,
+    _resolve_reference,
+    cpu_timer,
+    reference_key,
 )
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TINY = InputSpec(batch=1, channels=3, height=8, width=8)
+CPU = torch.device("cpu")
 
 
 class ScriptedTimer:
@@ -64,6 +86,16 @@ def test_spike_runs_inside_a_round_are_absorbed_by_the_round_median():
     assert result.runs == 15
 
 
+def test_the_value_is_the_median_round_not_the_fastest():
+    # A lucky fast round no longer sets the value: the median over rounds is what a repeat measurement reproduces.
+    rounds = [[3.0, 3.0], [2.0, 2.0], [3.1, 3.1], [2.9, 2.9], [4.0, 4.0]]
+    summary = summarize(rounds)
+    assert summary.value_ms == 3.0
+    assert robust_latency(summary.round_medians_ms) == 2.0  # the old statistic, still available, differs
+    assert summary.raw_ms == summary.value_ms  # no reference: nothing corrected
+    assert (summary.ci_low_ms, summary.ci_high_ms) == (2.0, 4.0)  # five rounds: the range
+
+
 def test_robust_latency_is_the_lowest_round_median():
     assert robust_latency([3.0, 2.5, 80.0, 2.6]) == 2.5
 
@@ -77,20 +109,122 @@ def test_spread_is_typical_round_over_best_round():
     assert math.isinf(relative_spread([0.0, 1.0, 1.0]))
 
 
+@pytest.mark.parametrize("statistic", [robust_latency, relative_spread, median_interval,
+                                       lambda values: summarize([values])])
 @pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("inf")], [-1.0]])
-def test_statistic_rejects_meaningless_timings(bad):
+def test_statistic_rejects_meaningless_timings(statistic, bad):
     with pytest.raises(MeasurementError):
-        robust_latency(bad)
+        statistic(bad)
+
+
+def coverage(n, k):
+    """Chance that the k-th smallest and k-th largest of n draws bracket the true median: 1 - 2 P(B(n, 1/2) < k)."""
+    return 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
+
+
+def test_median_interval_of_ten_values_is_the_second_and_ninth_smallest():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 10.0]
+    assert median_interval(values) == (2.0, 9.0)
+    assert median_interval([3 * v for v in reversed(values)]) == (6.0, 27.0)  # order does not matter
+    assert CONFIDENCE == 0.95
+    assert median_interval(values, confidence=0.5) == (4.0, 7.0)  # a lower confidence, a narrower interval
+
+
+@pytest.mark.parametrize("n", range(1, 6))
+def test_median_interval_of_fewer_than_six_values_is_their_range(n):
+    values = [float(20 - 3 * v) for v in range(n)]
+    assert median_interval(values) == (min(values), max(values))
+
+
+@pytest.mark.parametrize("n", range(6, 70))
+def test_median_interval_is_the_narrowest_order_statistics_with_95_percent_coverage(n):
+    values = [float(v) for v in range(n)]
+    random.Random(n).shuffle(values)
+    low, high = median_interval(values)
+    k = int(low) + 1  # low is the k-th smallest of 0..n-1
+    assert high == n - k  # ... and high the k-th largest
+    assert coverage(n, k) >= 0.95
+    assert k == n // 2 or coverage(n, k + 1) < 0.95  # one step narrower would fall below 95%
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_median_interval_always_contains_the_median(seed):
+    rng = random.Random(seed)
+    values = [round(rng.lognormvariate(0, 1), 1) for _ in range(rng.randint(1, 40))]  # ties included
+    low, high = median_interval(values)
+    assert low <= statistics.median(values) <= high
+    assert min(values) <= low and high <= max(values)
+
+
+def test_reference_rounds_take_out_a_machine_that_slows_down():
+    steady_model, steady_ref = [[3.0, 3.1, 2.9]] * 10, [[1.0, 1.0, 1.1]] * 10
+    factor = [2.0 if r in (1, 4, 5, 6, 8, 9) else 1.0 for r in range(10)]  # at half speed in 6 rounds of 10
+    model = [[t * f for t in row] for row, f in zip(steady_model, factor)]
+    ref = [[t * f for t in row] for row, f in zip(steady_ref, factor)]
+    steady = summarize(steady_model, steady_ref, anchor_ms=1.25)
+    slowed = summarize(model, ref, anchor_ms=1.25)
+    assert slowed.value_ms == steady.value_ms == 3.0 / 1.0 * 1.25  # model / reference x anchor, every round
+    assert slowed.round_medians_ms == steady.round_medians_ms == (3.75,) * 10
+    assert (slowed.ci_low_ms, slowed.ci_high_ms) == (steady.ci_low_ms, steady.ci_high_ms) == (3.75, 3.75)
+    assert slowed.runs == 30
+    assert steady.raw_ms == 3.0 and slowed.raw_ms == 6.0  # what the clock said, uncorrected
+    assert summarize(model).value_ms == 6.0  # without the reference, the slow phase would be the answer
+
+
+def test_reference_correction_needs_a_positive_reference_round_for_every_round_and_an_anchor():
+    rounds = [[2.0], [2.0]]
+    for ref, anchor in (([[1.0]], 1.0), ([[1.0], [1.0]], None), ([[1.0], [0.0]], 1.0)):
+        with pytest.raises(MeasurementError, match="reference"):
+            summarize(rounds, ref, anchor_ms=anchor)
 
 
 def test_calibrate_runs_sizes_rounds_and_clamps():
     assert calibrate_runs([50.0, 2.0, 2.0, 2.0], target_round_ms=100.0) == 50  # early slow warm-up runs ignored
-    assert calibrate_runs([500.0, 500.0], target_round_ms=100.0) == 5
+    assert calibrate_runs([500.0, 500.0], target_round_ms=100.0) == MIN_RUNS_PER_ROUND == 3  # a median needs runs
     assert calibrate_runs([1e-4, 1e-4], target_round_ms=100.0) == 1000
     assert calibrate_runs([0.0], target_round_ms=100.0) == 1000
 
 
-# ------------------------------------------------------------------------------------- the loop, scripted clock
+# --------------------------------------------------------------------------------------- warm-up, scripted clock
+
+
+def test_warm_up_stops_once_two_blocks_agree():
+    timer = ScriptedTimer(lambda fn, i: max(2.0, 9.0 - 2 * i))  # a cold model: 9, 7, 5, 3, then 2 ms
+    warm = warm_until_steady(lambda: None, timer, min_runs=0, block=5)
+    # block medians 5 (cold), 2, 2: the third block agrees with the second
+    assert len(warm) == len(timer.calls) == 15
+    assert warm[:5] == [9.0, 7.0, 5.0, 3.0, 2.0] and set(warm[5:]) == {2.0}
+
+
+def test_warm_up_runs_at_least_min_runs_then_blocks():
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    assert len(warm_until_steady(lambda: None, timer, min_runs=12, block=5)) == 12 + 5 + 5
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    assert len(warm_until_steady(lambda: None, timer, min_runs=0, block=3)) == 3 + 3
+
+
+def test_warm_up_blocks_agree_within_the_tolerance():
+    within = ScriptedTimer(lambda fn, i: 2.0 if i < 5 else 2.05)  # 2.5% apart
+    assert len(warm_until_steady(lambda: None, within, min_runs=0, block=5, tolerance=0.03)) == 10
+    beyond = ScriptedTimer(lambda fn, i: 2.0 if i < 5 else 2.1)  # 5% apart: one more block
+    assert len(warm_until_steady(lambda: None, beyond, min_runs=0, block=5, tolerance=0.03)) == 15
+
+
+def test_warm_up_that_never_settles_is_bounded_by_max_runs():
+    timer = ScriptedTimer(lambda fn, i: 1.1 ** (i // 5))  # every block 10% slower than the last, forever
+    assert len(warm_until_steady(lambda: None, timer, min_runs=0, block=5, max_runs=40, max_ms=1e9)) == 40
+    timer = ScriptedTimer(lambda fn, i: 1.1 ** (i // 5))
+    warm = warm_until_steady(lambda: None, timer, min_runs=0, block=5, max_runs=42, max_ms=1e9)
+    assert 42 <= len(warm) < 42 + 5  # the block under way is finished
+
+
+def test_warm_up_that_never_settles_is_bounded_by_max_ms():
+    timer = ScriptedTimer(lambda fn, i: 10.0 if (i // 5) % 2 == 0 else 20.0)  # blocks alternate 10 and 20 ms
+    warm = warm_until_steady(lambda: None, timer, min_runs=0, block=5, max_ms=200.0, max_runs=10_000)
+    assert len(warm) == 15 and sum(warm) == 200.0  # 50 + 100 + 50 ms: the bound is reached, no block after it
+
+
+# -------------------------------------------------------------------------------------- the loop, scripted clock
 
 
 def test_rounds_that_agree_are_not_remeasured():
@@ -99,21 +233,48 @@ def test_rounds_that_agree_are_not_remeasured():
     assert len(timings[0]) == 5 and all(len(r) == 4 for r in timings[0])
 
 
-def test_a_slow_phase_triggers_extra_rounds_until_rounds_agree():
-    # The first 3 of 5 rounds are slow (the machine is busy), then it calms down: the median round only agrees
-    # with the best once slow rounds are fewer than half, i.e. after 2 extra rounds.
+def test_a_slow_phase_triggers_extra_rounds_until_the_interval_leaves_it_out():
+    # The first 3 of 5 rounds are slow (the machine is busy), then it calms down. Rounds are added until the
+    # median's 95% interval (k-th smallest to k-th largest round) no longer reaches a slow round: k = 4 > 3 slow
+    # rounds at 15 rounds; at 14 rounds k is 3 and the interval still ends on a slow round.
     runs = 4
     timer = ScriptedTimer(lambda fn, i: 20.0 if i < 3 * runs else 2.0)
-    timings = run_rounds(fns(1), [runs], rounds=5, tolerance=0.05, max_extra_rounds=10, timer=timer)
-    assert len(timings[0]) == 7
+    timings = run_rounds(fns(1), [runs], rounds=5, tolerance=0.05, max_extra_rounds=20, timer=timer)
+    assert len(timings[0]) == 15
+    assert median_interval([20.0] * 3 + [2.0] * 11) == (2.0, 20.0)
     summary = summarize(timings[0])
-    assert summary.value_ms == 2.0 and summary.spread == 0.0
+    assert summary.value_ms == 2.0 and (summary.ci_low_ms, summary.ci_high_ms) == (2.0, 2.0)
+    assert summary.precision == 0.0
 
 
 def test_remeasuring_is_bounded():
     timer = ScriptedTimer(lambda fn, i: 2.0 if (i // 3) % 3 == 0 else 5.0)  # mostly slow rounds, forever
     timings = run_rounds(fns(1), [3], rounds=4, tolerance=0.05, max_extra_rounds=3, timer=timer)
     assert len(timings[0]) == 4 + 3
+
+
+def test_rounds_are_added_while_done_says_no():
+    asked = []
+
+    def done(timings):
+        asked.append([len(t) for t in timings])
+        return len(timings[0]) >= 7
+
+    timer = ScriptedTimer(lambda fn, i: 1.0)
+    timings = run_rounds(fns(2), [2, 3], rounds=4, tolerance=0.0, max_extra_rounds=10, timer=timer, done=done)
+    assert [len(t) for t in timings] == [7, 7]
+    assert asked == [[4, 4], [5, 5], [6, 6], [7, 7]]  # after the first rounds, then after every added round
+    assert [len(r) for r in timings[0]] == [2] * 7 and [len(r) for r in timings[1]] == [3] * 7
+
+
+def test_done_decides_alone_and_max_extra_rounds_bounds_it():
+    varied = ScriptedTimer(lambda fn, i: float(1 + i % 7))  # far from any tolerance
+    timings = run_rounds(fns(1), [3], rounds=2, tolerance=0.0, max_extra_rounds=10, timer=varied,
+                         done=lambda t: True)
+    assert len(timings[0]) == 2  # done at once: no extra round, whatever the tolerance
+    timings = run_rounds(fns(1), [3], rounds=2, tolerance=1e9, max_extra_rounds=6, timer=ScriptedTimer(
+        lambda fn, i: 1.0), done=lambda t: False)
+    assert len(timings[0]) == 2 + 6  # never done: stops at max_extra_rounds, whatever the tolerance
 
 
 def test_rounds_interleave_models_and_rotate_the_first():
@@ -138,6 +299,17 @@ def test_one_disagreeing_model_remeasures_all_side_by_side():
     assert len(timings[0]) == len(timings[1]) == 5
 
 
+def test_fewer_rounds_than_a_95_percent_interval_needs_are_not_called_converged():
+    # Below six rounds the order-statistics interval is the range of the rounds, which brackets the median with
+    # probability 1 - 2/2^n: 0% for one round (a zero-width 'interval'), 93.75% for five. Labelled a 95% interval
+    # and accepted by the stopping rule, it lets --rounds 1 stop after one round claiming +-0.0%. Rounds should
+    # be added (max_extra_rounds allows 10 here) until a 95% interval exists, or the result say it has none.
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    result = measure_latency(nn.Identity(), TINY, warmup=0, rounds=1, runs_per_round=3, max_extra_rounds=10,
+                             timer=timer, reference=False)
+    assert result.rounds >= 6 or not result.converged, result
+
+
 # ------------------------------------------------------------------------------------------------ the protocol
 
 
@@ -154,7 +326,8 @@ class Tagged(nn.Module):
 
     def forward(self, x):
         Tagged.last = self.name
-        self.seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled(), self.training, x.shape))
+        self.seen.append((torch.get_num_threads(), torch.is_inference_mode_enabled(), self.training, x.shape,
+                          x.dtype))
         return self.conv(x)
 
 
@@ -173,12 +346,15 @@ def test_measure_latency_reports_the_statistic_and_its_context():
     model.train()
     before = torch.get_num_threads()
     threads = 1 if before != 1 else 2
-    result = measure_latency(model, TINY, threads=threads, warmup=2, rounds=3, runs_per_round=4,
-                             timer=run_and_answer({"m": 1.5}))
+    result = measure_latency(model, TINY, threads=threads, warmup=2, rounds=6, runs_per_round=4,
+                             timer=run_and_answer({"m": 1.5}), reference=False)
     assert isinstance(result, LatencyResult)
     assert result.value_ms == 1.5 and result.spread == 0.0
-    assert result.round_medians_ms == (1.5, 1.5, 1.5)
-    assert result.runs == 12 and result.runs_per_round == 4 and not result.remeasured
+    assert result.round_medians_ms == (1.5,) * 6
+    assert result.runs == 24 and result.runs_per_round == 4 and not result.remeasured
+    assert (result.ci_low_ms, result.ci_high_ms, result.precision) == (1.5, 1.5, 0.0)
+    assert result.converged and result.tolerance == 0.02  # the default: +-2%
+    assert result.raw_ms == 1.5 and result.anchor_ms is None and result.drift is None  # reference=False
     assert {seen[:3] for seen in model.seen} == {(threads, True, False)}  # fixed threads, inference, eval
     assert torch.get_num_threads() == before  # restored
     assert model.training and model.conv.training  # restored
@@ -186,8 +362,12 @@ def test_measure_latency_reports_the_statistic_and_its_context():
     assert (ctx.device, ctx.threads, ctx.batch, ctx.input_shape, ctx.dtype) == ("cpu", threads, 1, (1, 3, 8, 8),
                                                                                 "float32")
     assert ctx.device_name and ctx.torch_version == torch.__version__.split("+")[0]
+    assert REFERENCE_OPTION not in ctx.options
     assert "\n" not in str(result) and "1.50 ms" in str(result)
-    assert json.loads(json.dumps(result.to_dict()))["context"]["input_shape"] == [1, 3, 8, 8]
+    data = json.loads(json.dumps(result.to_dict()))
+    assert data["context"]["input_shape"] == [1, 3, 8, 8]
+    assert (data["ci_low_ms"], data["ci_high_ms"], data["precision"], data["converged"]) == (1.5, 1.5, 0.0, True)
+    assert data["anchor_ms"] is None and data["drift"] is None
 
 
 def test_measure_many_interleaves_and_keeps_order_and_per_model_inputs():
@@ -195,7 +375,7 @@ def test_measure_many_interleaves_and_keeps_order_and_per_model_inputs():
     b.conv = nn.Identity()
     specs = [TINY, InputSpec(channels=5, height=2, width=3, layout="tokens")]
     ra, rb = measure_many([a, b], specs, warmup=1, rounds=4, runs_per_round=2,
-                          timer=run_and_answer({"a": 1.0, "b": 4.0}))
+                          timer=run_and_answer({"a": 1.0, "b": 4.0}), reference=False)
     assert (ra.value_ms, rb.value_ms) == (1.0, 4.0)
     assert rb.context.input_shape == (1, 6, 5) and rb.context.layout == "tokens"
     assert {s[3] for s in b.seen} == {torch.Size([1, 6, 5])}
@@ -203,15 +383,72 @@ def test_measure_many_interleaves_and_keeps_order_and_per_model_inputs():
 
 def test_runs_per_round_calibrated_from_warmup():
     result = measure_latency(Tagged("m"), TINY, warmup=4, rounds=2, target_round_ms=10.0,
-                             timer=run_and_answer({"m": 0.5}))
+                             timer=run_and_answer({"m": 0.5}), reference=False)
     assert result.runs_per_round == 20
 
 
+def test_warm_up_goes_on_until_steady_so_cold_runs_stay_out_of_the_rounds():
+    timer = ScriptedTimer(lambda fn, i: max(1.0, 10.0 - i))  # a cold model: 10, 9, ..., 2, then 1 ms
+    result = measure_latency(nn.Identity(), TINY, warmup=2, rounds=6, runs_per_round=3, timer=timer,
+                             reference=False)
+    assert result.value_ms == 1.0 and result.round_medians_ms == (1.0,) * 6
+    # warm-up: the 2 runs asked for, then blocks of 5 (medians 6, 1, 1) until two agree; then 6 rounds of 3
+    assert len(timer.calls) == 2 + 3 * 5 + 6 * 3
+
+
+def test_timings_that_never_settle_are_reported_as_not_converged_with_a_wide_interval():
+    timer = ScriptedTimer(lambda fn, i: 1.0 if (i // 3) % 2 == 0 else 3.0)  # rounds alternate 1 and 3 ms
+    result = measure_latency(nn.Identity(), TINY, warmup=0, rounds=6, runs_per_round=3, max_extra_rounds=4,
+                             tolerance=0.05, timer=timer, reference=False)
+    assert result.rounds == 6 + 4 and result.remeasured and not result.converged
+    assert (result.ci_low_ms, result.ci_high_ms) == (1.0, 3.0)
+    assert result.precision > result.tolerance == 0.05
+    assert "wider than the +-5.0% asked for" in str(result)
+
+
+def test_steady_timings_converge_in_the_first_rounds():
+    timer = ScriptedTimer(lambda fn, i: 2.0 + 0.01 * (i % 2))
+    result = measure_latency(nn.Identity(), TINY, warmup=0, rounds=6, runs_per_round=3, max_extra_rounds=4,
+                             tolerance=0.05, timer=timer, reference=False)
+    assert result.rounds == 6 and not result.remeasured and result.converged
+    assert result.ci_low_ms <= result.value_ms <= result.ci_high_ms and result.precision <= 0.05
+    assert "wider than" not in str(result)
+
+
+def test_a_slow_start_converges_after_extra_rounds():
+    # slow for the warm-up (10 or 11 runs: at most 1, then two agreeing blocks of 5) and the first 3 rounds
+    timer = ScriptedTimer(lambda fn, i: 20.0 if i < 19 else 2.0)
+    result = measure_latency(nn.Identity(), TINY, warmup=0, rounds=5, runs_per_round=3, max_extra_rounds=20,
+                             tolerance=0.05, timer=timer, reference=False)
+    assert result.rounds == 15 and result.remeasured and result.converged
+    assert result.value_ms == result.ci_low_ms == result.ci_high_ms == 2.0
+
+
+def test_str_states_the_value_its_interval_and_how_it_was_measured():
+    cycle = [2.0, 2.1, 1.9, 2.2, 1.8, 2.05, 1.95, 2.3, 1.7, 2.0]  # 10 rounds of 1 run see each value once
+    timer = ScriptedTimer(lambda fn, i: cycle[i % 10])
+    result = measure_latency(nn.Identity(), TINY, warmup=0, rounds=10, runs_per_round=1, max_extra_rounds=0,
+                             timer=timer, reference=False)
+    assert sorted(result.round_medians_ms) == sorted(cycle)
+    text = str(result)
+    assert text.startswith("2.00 ms +-10.0% (95% interval 1.80 ms to 2.20 ms")  # the 2nd and 9th smallest
+    assert "wider than the +-2.0% asked for" in text and "10 rounds" in text
+    assert text.endswith(f" on {result.context}") and "\n" not in text
+    assert result.describe() in text and "reference-corrected" not in text
+
+
 def test_presets_and_arches_are_built_for_the_input_channels():
+    spec = InputSpec(channels=1, height=32, width=32)
     timer = ScriptedTimer(lambda fn, i: 3.0)  # never runs the model: only the build is exercised
-    result = measure_latency("IdentityFormer-S12", InputSpec(channels=1, height=32, width=32), warmup=0, rounds=1,
-                             runs_per_round=1, timer=timer)
+    result = measure_latency("IdentityFormer-S12", spec, warmup=0, rounds=1, runs_per_round=1, timer=timer,
+                             reference=False)
     assert result.value_ms == 3.0 and result.context.input_shape == (1, 1, 32, 32)
+    # with the reference in the rounds (each visit begins with an untimed run), it is built for 1 channel too
+    ref = Reference(reference_key(CPU, spec, 1), Anchor(4.0, 3.9, 4.1, 40, 0.0), 1)
+    timer = ScriptedTimer(lambda fn, i: 3.0)
+    result = measure_latency("IdentityFormer-S12", spec, threads=1, warmup=0, rounds=1, runs_per_round=1,
+                             timer=timer, reference=ref)
+    assert result.value_ms == 3.0 / 3.0 * 4.0 and result.anchor_ms == 4.0
 
 
 def test_real_measurement_smoke():
@@ -219,16 +456,236 @@ def test_real_measurement_smoke():
     result = measure_latency(model, InputSpec(height=16, width=16), threads=1, warmup=2, rounds=3, runs_per_round=5,
                              max_extra_rounds=1)
     assert 0 < result.value_ms < 1000
-    assert len(result.round_medians_ms) in (3, 4) and result.value_ms == min(result.round_medians_ms)
+    assert len(result.round_medians_ms) in (3, 4) and result.value_ms == statistics.median(result.round_medians_ms)
+    assert result.ci_low_ms <= result.value_ms <= result.ci_high_ms
     assert result.spread >= 0 and result.context.threads == 1
+    # on the CPU, by default, corrected by the reference timed in the same rounds
+    assert REFERENCE_OPTION in result.context.options and result.anchor_ms > 0 and result.drift > 0
+    assert result.raw_ms > 0 and (result.precision <= result.tolerance or not result.converged)
+    plain = measure_latency(model, InputSpec(height=16, width=16), threads=1, warmup=2, rounds=3, runs_per_round=5,
+                            max_extra_rounds=1, reference=False)
+    assert plain.value_ms == plain.raw_ms == statistics.median(plain.round_medians_ms)
+    assert REFERENCE_OPTION not in plain.context.options and plain.anchor_ms is None
 
 
 def test_user_model_is_not_moved_to_another_dtype():
     model = nn.Conv2d(3, 4, 1)
+    # reference=False: the reference in a reduced precision is test_the_reference_runs_in_the_precision_...
     result = measure_latency(model, InputSpec(height=4, width=4, dtype="bfloat16"), warmup=1, rounds=1,
-                             runs_per_round=2)
+                             runs_per_round=2, reference=False)
     assert model.weight.dtype == torch.float32
     assert result.context.dtype == "bfloat16"
+
+
+# ------------------------------------------------------------------------------------ the reference workload
+
+
+@pytest.fixture
+def tagged_reference(monkeypatch):
+    """The reference workload is a Tagged('ref') model here, so a timer can tell it from the models; returns the
+    instances built."""
+    built = []
+
+    def model(in_chans):
+        built.append(Tagged("ref"))
+        return built[-1]
+
+    monkeypatch.setattr(reference_module, "reference_model", model)
+    return built
+
+
+def tagged_ref(spec=TINY, threads=1, anchor_ms=2.5):
+    """A Reference with a given anchor: nothing is measured or read for it."""
+    return Reference(reference_key(CPU, spec, threads), Anchor(anchor_ms, anchor_ms, anchor_ms, 40, 0.0),
+                     spec.channels)
+
+
+def test_the_session_never_touches_the_user_cache(session_cache_dir):
+    assert default_cache_dir() == session_cache_dir
+
+
+def test_paired_rounds_time_the_reference_after_every_chunk_of_each_models_runs():
+    from searchspace.latency.measure import run_paired_rounds
+
+    order = []
+    a, b, ref = (lambda: order.append("a")), (lambda: order.append("b")), (lambda: order.append("ref"))
+
+    def timer(fn):
+        fn()
+        return {"a": 1.0, "b": 2.0, "ref": 0.5}[order[-1]]
+
+    timings, paired = run_paired_rounds([a, b], [3, 2], ref, rounds=2, max_extra_rounds=0, timer=timer,
+                                        done=lambda t, r: True, chunks=[2, 1])
+    # each visit: one untimed settling run, then chunks of the model's runs, each followed by one reference run
+    visit_a, visit_b = ["a", "a", "a", "ref", "a", "ref"], ["b", "b", "ref", "b", "ref"]
+    assert order == visit_a + visit_b + visit_b + visit_a  # the first model rotates each round
+    assert timings == [[[1.0] * 3] * 2, [[2.0] * 2] * 2]
+    assert paired == [[[0.5] * 2] * 2, [[0.5] * 2] * 2]  # per model and round: the reference runs among its runs
+
+
+class Machine:
+    """A scripted machine: runs fn, sees which Tagged model ran, answers its time (``ms[name]``) at the machine's
+    current speed: twice as slow once the model 'm' has run ``slow_after`` times (None: never)."""
+
+    def __init__(self, ms, slow_after=None):
+        self.ms, self.slow_after, self.counts = ms, slow_after, Counter()
+
+    def __call__(self, fn):
+        Tagged.last = None
+        fn()
+        name = Tagged.last
+        self.counts[name] += 1
+        slow = self.slow_after is not None and self.counts["m"] > self.slow_after
+        return self.ms[name] * (2.0 if slow else 1.0)
+
+
+def test_the_reference_is_timed_with_the_models_and_divides_out(tagged_reference):
+    a, b = Tagged("a"), Tagged("b")
+    timer = Machine({"a": 1.0, "b": 2.0, "ref": 0.5})
+    ra, rb = measure_many([a, b], TINY, threads=1, warmup=0, rounds=3, runs_per_round=2, timer=timer,
+                          reference=tagged_ref(anchor_ms=2.5))
+    [ref] = tagged_reference
+    assert timer.counts["ref"] >= 3 * 2  # timed in every round of each model (after its own warm-up)
+    assert {s[:3] for s in ref.seen} == {(1, True, False)}  # run like the models: threads, inference, eval
+    assert (ra.value_ms, rb.value_ms) == (1.0 / 0.5 * 2.5, 2.0 / 0.5 * 2.5)
+    assert (ra.raw_ms, rb.raw_ms) == (1.0, 2.0)
+    assert ra.anchor_ms == rb.anchor_ms == 2.5 and ra.drift == rb.drift == pytest.approx(0.5 / 2.5)
+    assert REFERENCE_OPTION in ra.context.options and REFERENCE_OPTION in rb.context.options
+    assert ra.converged and (ra.ci_low_ms, ra.ci_high_ms) == (5.0, 5.0)
+
+
+def test_a_machine_that_slows_half_way_gives_the_ratio_times_the_anchor(tagged_reference):
+    rounds, runs, anchor_ms = 10, 3, 2.5
+    # the model's warm-up is at most 11 runs; it then runs 3 per round: slow from about round 5 of 10 on
+    half_way = 11 + rounds // 2 * runs
+
+    def measure(timer, reference):
+        return measure_latency(Tagged("m"), TINY, threads=1, warmup=0, rounds=rounds, runs_per_round=runs,
+                               max_extra_rounds=0, timer=timer, reference=reference)
+
+    ms = {"m": 3.0, "ref": 1.0}
+    slowed = measure(Machine(ms, slow_after=half_way), tagged_ref(anchor_ms=anchor_ms))
+    steady = measure(Machine(ms), tagged_ref(anchor_ms=anchor_ms))
+    assert slowed.value_ms == steady.value_ms == 3.0 * anchor_ms
+    assert slowed.ci_low_ms == slowed.ci_high_ms == 3.0 * anchor_ms and slowed.converged
+    assert steady.raw_ms == 3.0 and slowed.raw_ms > 3.0  # the clock saw the slowdown
+    assert steady.drift == pytest.approx(1.0 / anchor_ms) and slowed.drift > steady.drift
+    assert "reference-corrected (machine at 0.40x its anchor)" in str(steady)
+    plain = measure(Machine(ms, slow_after=half_way), False)  # the same machine without the reference
+    assert plain.value_ms > 3.0 and (plain.ci_low_ms, plain.ci_high_ms) == (3.0, 6.0) and not plain.converged
+
+
+def test_the_anchor_is_measured_once_then_read_from_the_cache(tmp_path):
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    ref = reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path), anchor_rounds=6)
+    measured = len(timer.calls)
+    assert measured > 0
+    assert (ref.anchor.ms, ref.anchor.ci_low_ms, ref.anchor.ci_high_ms, ref.anchor.rounds) == (2.0, 2.0, 2.0, 6)
+    assert ref.key == reference_key(CPU, TINY, 1) and ref.in_chans == 3
+    [path] = (tmp_path / "latency").glob("reference-*.json")
+    assert path == reference_module.anchor_path(ref.key, tmp_path)
+    assert json.loads(path.read_text())["anchor"]["ms"] == 2.0
+    again = reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path), anchor_rounds=6)
+    assert len(timer.calls) == measured  # read, not measured again
+    assert again.anchor == ref.anchor
+    other = reference_for("cpu", TINY, 2, timer=timer, cache_dir=str(tmp_path), anchor_rounds=6)
+    assert len(timer.calls) > measured and other.key["threads"] == 2  # another key: its own anchor
+    assert len(list((tmp_path / "latency").glob("reference-*.json"))) == 2
+
+
+def test_a_stored_anchor_is_used_without_measuring(tmp_path):
+    anchor = Anchor(7.0, 6.9, 7.1, 40, 0.0)
+    reference_module.write_anchor(reference_key(CPU, TINY, 1), anchor, tmp_path)
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    assert reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path)).anchor == anchor
+    tokens = InputSpec(channels=3, height=8, width=8, layout="tokens")  # the reference always runs on images
+    assert reference_for("cpu", tokens, 1, timer=timer, cache_dir=str(tmp_path)).anchor == anchor
+    assert not timer.calls
+
+
+def test_a_damaged_anchor_file_is_measured_again(tmp_path):
+    path = reference_module.anchor_path(reference_key(CPU, TINY, 1), tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    assert reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path), anchor_rounds=3).anchor.ms == 2.0
+    assert timer.calls and json.loads(path.read_text())["anchor"]["ms"] == 2.0
+
+
+def test_the_anchor_lives_in_the_cache_folder_of_the_environment(tmp_path, monkeypatch, session_cache_dir):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "env"))
+    reference_for("cpu", TINY, 1, timer=ScriptedTimer(lambda fn, i: 2.0), anchor_rounds=3)
+    assert len(list((tmp_path / "env" / "latency").glob("reference-*.json"))) == 1
+
+
+def reference_runs(**kwargs):
+    """How many times the reference runs in one scripted measurement of Tagged('m'), and the result."""
+    timer = Machine({"m": 6.0, "ref": 2.0})
+    result = measure_latency(Tagged("m"), TINY, threads=1, warmup=0, rounds=6, runs_per_round=3, timer=timer,
+                             **kwargs)
+    return timer.counts["ref"], result
+
+
+def test_auto_measures_the_anchor_on_first_use_and_reads_it_afterwards(tmp_path, monkeypatch, tagged_reference):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    in_rounds, _ = reference_runs(reference=tagged_ref(anchor_ms=2.0))  # an anchor given: nothing else to run
+    first_runs, first = reference_runs()  # reference="auto", the default
+    assert first_runs > in_rounds  # ... the anchor's measurement first
+    assert first.anchor_ms == 2.0 and first.value_ms == 6.0 and first.drift == 1.0
+    assert REFERENCE_OPTION in first.context.options
+    assert len(list((tmp_path / "latency").glob("reference-*.json"))) == 1
+    second_runs, second = reference_runs(reference="auto")
+    assert second_runs == in_rounds  # the anchor was read, not measured again
+    assert second.anchor_ms == 2.0 and second.value_ms == 6.0
+
+
+def test_auto_reads_the_anchor_from_the_cache_and_corrects_by_it(tmp_path, monkeypatch, tagged_reference):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    in_rounds, _ = reference_runs(reference=tagged_ref(anchor_ms=2.5))
+    reference_module.write_anchor(reference_key(CPU, TINY, 1), Anchor(2.5, 2.4, 2.6, 40, 0.0))
+    runs, result = reference_runs(reference="auto")  # the machine 20% slower than when it was anchored
+    assert runs == in_rounds  # no anchor measurement
+    assert result.anchor_ms == 2.5 and result.value_ms == 6.0 / 2.0 * 2.5 and result.raw_ms == 6.0
+    assert result.drift == pytest.approx(0.8)
+
+
+def test_the_reference_runs_in_the_precision_of_the_measurement(tagged_reference):
+    # The anchor of a bfloat16 input is measured with the reference cast to bfloat16 (reference_for measures it
+    # like any model); in the rounds it must run the same way, or a float32 module meets a bfloat16 input.
+    spec = InputSpec(channels=3, height=8, width=8, dtype="bfloat16")
+    timer = Machine({"ref": 1.0, None: 1.0})
+    result = measure_latency(nn.Conv2d(3, 4, 3), spec, threads=1, warmup=0, rounds=2, runs_per_round=2,
+                             timer=timer, reference=tagged_ref(spec))
+    [ref] = tagged_reference
+    assert {s[4] for s in ref.seen} == {torch.bfloat16} and ref.conv.weight.dtype == torch.bfloat16
+    assert result.context.dtype == "bfloat16"
+
+
+def test_reference_is_for_the_cpu_and_takes_named_values_only():
+    with pytest.raises(MeasurementError, match="reference=True corrects CPU measurements only"):
+        _resolve_reference(True, torch.device("cuda"), TINY, 1, cpu_timer)
+    assert _resolve_reference("auto", torch.device("cuda"), TINY, 1, cpu_timer) is None  # a GPU: no reference
+    assert _resolve_reference(False, CPU, TINY, 1, cpu_timer) is None
+    ref = tagged_ref()
+    assert _resolve_reference(ref, CPU, TINY, 1, cpu_timer) is ref
+    with pytest.raises(MeasurementError):
+        reference_for(torch.device("cuda"), TINY, 1)  # the reference corrects CPU measurements only
+    for bad in ("yes", "always", 2):
+        timer = ScriptedTimer(lambda fn, i: 1.0)
+        with pytest.raises(MeasurementError, match="reference must be 'auto', True, False or a Reference") as info:
+            measure_latency(nn.Identity(), TINY, timer=timer, reference=bad)
+        assert "\n" not in str(info.value) and not timer.calls  # refused before anything is timed
+
+
+def test_a_clock_too_coarse_to_see_the_work_is_not_a_crash():
+    # A tiny workload on a coarse clock can read 0 ms on every run (calibrate_runs expects it). The result is
+    # then 0 ms, or a clear MeasurementError; not a ZeroDivisionError from the interval's relative half-width.
+    try:
+        result = measure_latency(nn.Identity(), TINY, warmup=0, rounds=2, runs_per_round=1, max_extra_rounds=1,
+                                 timer=lambda fn: 0.0, reference=False)
+    except MeasurementError:
+        return
+    assert result.value_ms == result.ci_high_ms == 0.0
 
 
 # ------------------------------------------------------------------------------------------------- bad input
@@ -245,6 +702,10 @@ def test_user_model_is_not_moved_to_another_dtype():
         (dict(runs_per_round=0), "runs_per_round must be an integer >= 1"),
         (dict(tolerance=-0.1), "tolerance must be"),
         (dict(tolerance=float("nan")), "tolerance must be"),
+        (dict(max_extra_rounds=-1), "max_extra_rounds must be an integer >= 0"),
+        (dict(max_extra_rounds=1.5), "max_extra_rounds must be an integer >= 0"),
+        (dict(target_round_ms=0), "target_round_ms must be a positive number"),
+        (dict(reference="sometimes"), "reference must be 'auto', True, False or a Reference"),
         (dict(cudnn_benchmark=True), "need a CUDA device"),
         (dict(cuda_graphs=True), "need a CUDA device"),
         (dict(autocast=True), "autocast needs"),
@@ -364,6 +825,17 @@ def test_cuda_measure_many_interleaved():
     results = measure_many([SmallNet(), nn.Identity()], InputSpec(height=32, width=32), device="cuda", warmup=2,
                            rounds=2, runs_per_round=3)
     assert [r.context.device for r in results] == ["cuda:0", "cuda:0"]
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_has_no_reference_workload():
+    with pytest.raises(MeasurementError, match="reference=True corrects CPU measurements only"):
+        measure_latency(SmallNet(), InputSpec(height=32, width=32), device="cuda", warmup=1, rounds=1,
+                        runs_per_round=1, reference=True)
+    result = measure_latency(SmallNet(), InputSpec(height=32, width=32), device="cuda", warmup=1, rounds=1,
+                             runs_per_round=1)  # reference="auto": plain round medians on a GPU
+    assert REFERENCE_OPTION not in result.context.options and result.anchor_ms is None and result.drift is None
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "sched_getaffinity"), reason="Linux only")
