@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import optuna
 import pytest
 
-from searchspace import MixerNASError
+from searchspace import Arch, MixerNASError
 from searchspace.nas import SearchConfig, run
 from searchspace.nas.candidate import STATES, Outcome
 from searchspace.nas.nni_backend import space_decisions, used_params
@@ -274,6 +274,15 @@ def test_ray_search_writes_results_and_resumes(tmp_path, cache_dir):
     assert best["trial"] == result.best["trial"]
     assert list((out / "ray").glob("run-*/trial-*/result.json")), "Tune's own results are kept under out/ray"
     assert any("started a local Ray" in m for m in messages)
+    # the measuring actor gives every candidate it measured to the latency table, which the driver reads back
+    from searchspace.latency import InputSpec
+    from searchspace.latency.table import LatencyTable
+
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=16, width=16), threads=1, cache_dir=cache_dir)
+    observed = {o.arch for o in table.observations}
+    measured = [Arch.from_json(r["arch"]) for r in read_rows(out) if r["measured_ms"]]
+    assert measured and set(measured) <= observed
+    assert any("refined by this search's measurements" in m for m in messages)
 
     import ray
 

@@ -8,6 +8,8 @@ import torch
 
 import search
 import searchspace
+from searchspace.latency import InputSpec
+from searchspace.latency.table import LatencyTable
 from searchspace.nas import SearchConfig
 from searchspace.nas import engine as engine_module
 
@@ -21,6 +23,15 @@ def shared_latency_cache(tmp_path_factory, monkeypatch):
     # one table cache for the whole session: later tests reuse the blocks earlier ones measured
     cache = tmp_path_factory.getbasetemp() / "latency-cache"
     monkeypatch.setenv("MIXERNAS_CACHE_DIR", str(cache))
+    # The whole models a new table is calibrated on when the search opens it (tests/test_latency_table.py checks
+    # that step) stand in as their plain sum of parts: 30 s of measurement saved. Candidates are measured for real.
+    monkeypatch.setattr(LatencyTable, "_measure_whole",
+                        lambda self, archs: [self.predict(a, calibrated=False).sum_ms for a in archs])
+
+
+def search_table():
+    """The table the searches below use: the CPU, one thread, 1x1x16x16 digits."""
+    return LatencyTable.open("cpu", InputSpec(channels=1, height=16, width=16), threads=1, num_classes=10)
 
 
 def read_trials(out):
@@ -49,8 +60,23 @@ def test_search_writes_a_results_folder_whose_best_fits(tmp_path, capsys):
     assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     baselines = json.loads((out / "baselines.json").read_text())
     assert [b["name"] for b in baselines] == ["IdentityFormer-S12"]
-    assert "best:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "best:" in captured.out
     assert "device cpu" in (out / "report.md").read_text()  # what --device auto resolved to
+    # the table's figures when the search opens it (calibrated on 10 whole models) and after the trials refined it
+    opened = next(line for line in captured.err.splitlines() if line.startswith("latency table prediction"))
+    assert "fitted on" in opened and "held out: mean error" in opened and "Kendall tau" in opened
+    assert "latency table, refined by this search's measurements: form" in captured.err
+    assert "parts and" in captured.err and "whole models cached" in captured.err
+    # every candidate measured (the baseline included) is an observation of the table, and refits it
+    table = search_table()
+    observed = {(o.arch, o.ms) for o in table.observations}
+    measured = [(searchspace.Arch.from_json(r["arch"]), float(r["measured_ms"])) for r in rows if r["measured_ms"]]
+    measured += [(searchspace.preset(b["name"]), b["measured_ms"]) for b in baselines if b.get("measured_ms")]
+    assert len(measured) >= 2 and measured[-1][0].name == "IdentityFormer-S12"
+    for arch, ms in measured:
+        assert any(a == arch and o == pytest.approx(ms) for a, o in observed), arch.summary()
+    assert table.calibration.models == len(table.observations) >= 10 + len(measured)
 
 
 def test_rerun_resumes_up_to_the_requested_trials(tmp_path):
