@@ -71,7 +71,7 @@ def test_the_measurement_is_corrected_by_the_anchor_of_the_table_it_is_compared_
     # stored beside it); the measured figure printed beside its prediction must be in the same unit, not
     # corrected by an anchor from another folder (here: the session's $MIXERNAS_CACHE_DIR).
     spec = InputSpec(channels=1, height=32, width=32)
-    write_anchor(reference_key(torch.device("cpu"), spec, 1), Anchor(1.0, 0.99, 1.01, 40, 0.0), tmp_path)
+    write_anchor(reference_key(torch.device("cpu"), spec, 1, "thread"), Anchor(1.0, 0.99, 1.01, 40, 0.0), tmp_path)
     assert main(["IdentityFormer-S12", *FAST, "--channels", "1", "--cache-dir", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["measured"]["anchor_ms"] == 1.0

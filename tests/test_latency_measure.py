@@ -43,6 +43,7 @@ from searchspace.latency.measure import (
     MIN_RUNS_PER_ROUND,
     REFERENCE_OPTION,
     _resolve_reference,
+    clock_name,
     cpu_timer,
     reference_key,
 )
@@ -581,7 +582,8 @@ def test_the_anchor_is_measured_once_then_read_from_the_cache(tmp_path):
     measured = len(timer.calls)
     assert measured > 0
     assert (ref.anchor.ms, ref.anchor.ci_low_ms, ref.anchor.ci_high_ms, ref.anchor.rounds) == (2.0, 2.0, 2.0, 6)
-    assert ref.key == reference_key(CPU, TINY, 1) and ref.in_chans == 3
+    assert ref.key == reference_key(CPU, TINY, 1, clock_name(timer)) and ref.in_chans == 3
+    assert ref.key["clock"] == "ScriptedTimer"  # an anchor is valid for the clock that measured it
     [path] = (tmp_path / "latency").glob("reference-*.json")
     assert path == reference_module.anchor_path(ref.key, tmp_path)
     assert json.loads(path.read_text())["anchor"]["ms"] == 2.0
@@ -595,8 +597,8 @@ def test_the_anchor_is_measured_once_then_read_from_the_cache(tmp_path):
 
 def test_a_stored_anchor_is_used_without_measuring(tmp_path):
     anchor = Anchor(7.0, 6.9, 7.1, 40, 0.0)
-    reference_module.write_anchor(reference_key(CPU, TINY, 1), anchor, tmp_path)
     timer = ScriptedTimer(lambda fn, i: 2.0)
+    reference_module.write_anchor(reference_key(CPU, TINY, 1, clock_name(timer)), anchor, tmp_path)
     assert reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path)).anchor == anchor
     tokens = InputSpec(channels=3, height=8, width=8, layout="tokens")  # the reference always runs on images
     assert reference_for("cpu", tokens, 1, timer=timer, cache_dir=str(tmp_path)).anchor == anchor
@@ -604,10 +606,10 @@ def test_a_stored_anchor_is_used_without_measuring(tmp_path):
 
 
 def test_a_damaged_anchor_file_is_measured_again(tmp_path):
-    path = reference_module.anchor_path(reference_key(CPU, TINY, 1), tmp_path)
+    timer = ScriptedTimer(lambda fn, i: 2.0)
+    path = reference_module.anchor_path(reference_key(CPU, TINY, 1, clock_name(timer)), tmp_path)
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    timer = ScriptedTimer(lambda fn, i: 2.0)
     assert reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path), anchor_rounds=3).anchor.ms == 2.0
     assert timer.calls and json.loads(path.read_text())["anchor"]["ms"] == 2.0
 
@@ -642,7 +644,7 @@ def test_auto_measures_the_anchor_on_first_use_and_reads_it_afterwards(tmp_path,
 def test_auto_reads_the_anchor_from_the_cache_and_corrects_by_it(tmp_path, monkeypatch, tagged_reference):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     in_rounds, _ = reference_runs(reference=tagged_ref(anchor_ms=2.5))
-    reference_module.write_anchor(reference_key(CPU, TINY, 1), Anchor(2.5, 2.4, 2.6, 40, 0.0))
+    reference_module.write_anchor(reference_key(CPU, TINY, 1, "Machine"), Anchor(2.5, 2.4, 2.6, 40, 0.0))
     runs, result = reference_runs(reference="auto")  # the machine 20% slower than when it was anchored
     assert runs == in_rounds  # no anchor measurement
     assert result.anchor_ms == 2.5 and result.value_ms == 6.0 / 2.0 * 2.5 and result.raw_ms == 6.0

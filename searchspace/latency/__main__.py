@@ -27,7 +27,7 @@ from .counting import count_params_macs
 from .measure import DTYPES, InputSpec, measure_latency
 
 DESCRIPTION = """\
-Measure the latency of a preset or an architecture JSON file on this machine, print it with its spread and
+Measure the latency of a preset or an architecture JSON file on this machine, print it with its 95% interval and
 context (device, threads, input, dtype, torch version), the parameter and MAC counts, and the per-device lookup
 table's prediction beside it.
 
@@ -70,9 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target duration of one round in ms; sets the runs per round (default: 20)")
     p.add_argument("--no-reference", action="store_true",
                    help="CPU: report plain round medians, without the reference workload's drift correction")
-    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
-                   help="wall: elapsed time (default); thread: CPU time of the measuring thread, which leaves out the "
-                        "time other processes hold the core (needs --threads 1)")
+    p.add_argument("--clock", choices=("auto", "wall", "thread"), default="auto",
+                   help="thread: CPU time of the measuring thread, which leaves out the time other processes hold "
+                        "the core (needs --threads 1); wall: elapsed time; auto (default): thread with --threads 1 "
+                        "on the CPU, as the search measures, else wall")
     p.add_argument("--no-table", action="store_true", help="do not predict with the lookup table")
     p.add_argument("--rebuild-table", action="store_true",
                    help="forget this device's stored table entries and measure them again")
@@ -110,26 +111,29 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(args.num_classes, bool) or args.num_classes < 0:
         raise MixerNASError(f"--num-classes must be >= 0, got {args.num_classes}")
     timer = None
-    if args.clock == "thread":
-        if args.threads != 1 or args.device != "cpu":
-            raise MixerNASError("--clock thread measures one CPU thread; add --threads 1 (and --device cpu)")
+    one_cpu_thread = args.threads == 1 and args.device == "cpu"
+    if args.clock == "thread" and not one_cpu_thread:
+        raise MixerNASError("--clock thread measures one CPU thread; add --threads 1 (and --device cpu)")
+    if args.clock == "thread" or (args.clock == "auto" and one_cpu_thread):
         from .measure import thread_cpu_timer
 
         timer = thread_cpu_timer
     model = build_model(arch, num_classes=args.num_classes, in_chans=args.channels)
-    result = measure_latency(model, spec, device=args.device, threads=args.threads, warmup=args.warmup,
-                             rounds=args.rounds, target_round_ms=args.round_ms, timer=timer,
-                             tolerance=args.tolerance, max_extra_rounds=args.max_extra_rounds,
-                             reference=False if args.no_reference else "auto")
-    counts = count_params_macs(model, spec)
-
-    prediction = table = None
+    table = None
+    reference: object = False if args.no_reference else "auto"
     if not args.no_table:
         from .table import LatencyTable
 
-        table = LatencyTable.open(args.device, spec, threads=result.context.threads, cache_dir=args.cache_dir,
+        # opened first: the measurement is corrected by the same reference anchor as the table's entries
+        table = LatencyTable.open(args.device, spec, threads=args.threads, cache_dir=args.cache_dir,
                                   rebuild=args.rebuild_table, num_classes=args.num_classes)
-        prediction = table.predict(arch)
+        if not args.no_reference:
+            reference = table.reference() or False
+    result = measure_latency(model, spec, device=args.device, threads=args.threads, warmup=args.warmup,
+                             rounds=args.rounds, target_round_ms=args.round_ms, timer=timer,
+                             tolerance=args.tolerance, max_extra_rounds=args.max_extra_rounds, reference=reference)
+    counts = count_params_macs(model, spec)
+    prediction = table.predict(arch) if table is not None else None
 
     error = None if prediction is None else (prediction.total_ms - result.value_ms) / result.value_ms
     if args.json:

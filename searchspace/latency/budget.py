@@ -69,6 +69,8 @@ def format_ms(ms: float) -> str:
     >>> format_ms(0.45), format_ms(12.3456), format_ms(1500.0)
     ('450 µs', '12.3 ms', '1.50 s')
     """
+    if math.isfinite(ms) and ms > 0:
+        ms = float(f"{ms:.3g}")  # round first, so 9.996 is "10.0 ms" and 0.9996 is "1.00 ms", not 4 digits
     if ms < 1.0:
         return f"{_three_digits(ms * 1000)} µs"
     if ms < 1000.0:

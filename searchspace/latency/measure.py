@@ -144,7 +144,7 @@ class Summary:
     @property
     def precision(self) -> float:
         """Relative half-width of the interval: 0.01 means the value is known to +-1%."""
-        return max(self.value_ms - self.ci_low_ms, self.ci_high_ms - self.value_ms) / self.value_ms
+        return _relative_half_width(self.value_ms, self.ci_low_ms, self.ci_high_ms)
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,7 @@ class LatencyResult:
     @property
     def precision(self) -> float:
         """Relative half-width of the interval (0.01 = +-1%)."""
-        return max(self.value_ms - self.ci_low_ms, self.ci_high_ms - self.value_ms) / self.value_ms
+        return _relative_half_width(self.value_ms, self.ci_low_ms, self.ci_high_ms)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready data."""
@@ -188,9 +188,10 @@ class LatencyResult:
         """The value with its interval and how it was obtained, without the context."""
         again = "" if self.converged else f", wider than the +-{self.tolerance:.1%} asked for"
         ref = f", reference-corrected (machine at {self.drift:.2f}x its anchor)" if self.drift is not None else ""
+        runs = f"{self.runs_per_round} run{'s' if self.runs_per_round != 1 else ''}"
         return (f"{format_ms(self.value_ms)} +-{self.precision:.1%} ({CONFIDENCE:.0%} interval "
                 f"{format_ms(self.ci_low_ms)} to {format_ms(self.ci_high_ms)}{again}; {self.rounds} rounds of "
-                f"{self.runs_per_round} runs{ref})")
+                f"{runs}{ref})")
 
     def __str__(self) -> str:
         return f"{self.describe()} on {self.context}"
@@ -231,6 +232,14 @@ def relative_spread(round_medians: Sequence[float]) -> float:
 
 
 CONFIDENCE = 0.95
+MIN_ROUNDS_FOR_INTERVAL = 6  # fewer rounds than this have no 95% order-statistics interval: never "converged"
+
+
+def _relative_half_width(value: float, low: float, high: float) -> float:
+    half = max(value - low, high - value)
+    if value > 0:
+        return half / value
+    return 0.0 if half == 0 else math.inf  # a clock too coarse to see the work: 0 +- 0
 
 
 def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -677,7 +686,8 @@ def measure_many(
         ref = _resolve_reference(reference, dev, specs[0], threads_used, timer)
         if ref is not None:
             ref_spec = InputSpec(**ref.key["input"])
-            prepared.append(ref.module())
+            # in the measurement's precision, as its anchor was measured
+            prepared.append(_on_device(ref.module(), dev, ref_spec.torch_dtype, False, owned=True))
         for model in prepared:
             stack.enter_context(_eval_mode(model))
         if dev.type == "cuda":
@@ -689,9 +699,12 @@ def measure_many(
             stack.enter_context(torch.autocast(dev.type, dtype=specs[0].torch_dtype, cache_enabled=not cuda_graphs))
 
         fns = []
-        for model, spec in zip(prepared, [*specs, ref_spec] if ref is not None else specs):
+        for model, spec in zip(prepared, specs):
             x = spec.example(dev, torch.float32 if autocast else None, channels_last)
             fns.append(_cuda_graph(model, x) if cuda_graphs else (lambda model=model, x=x: model(x)))
+        if ref is not None:  # the reference's own input, as when its anchor was measured
+            ref_x = ref_spec.example(dev)
+            fns.append(lambda model=prepared[-1], x=ref_x: model(x))
         ref_fn = fns.pop() if ref is not None else None
         ref_ms = None
         if ref_fn is not None:
@@ -708,16 +721,21 @@ def measure_many(
 
         if ref is None:
             timings = run_rounds(fns, per_round, rounds=rounds, tolerance=tolerance,
-                                 max_extra_rounds=max_extra_rounds, timer=timer)
+                                 max_extra_rounds=max_extra_rounds, timer=timer,
+                                 done=lambda t: len(t[0]) >= MIN_ROUNDS_FOR_INTERVAL and all(
+                                     summarize(rows).precision <= tolerance for rows in t))
             summaries = [summarize(rows) for rows in timings]
+            enough = len(timings[0]) >= MIN_ROUNDS_FOR_INTERVAL
         else:
             def corrected(t, r):
                 return [summarize(rows, refs, ref.anchor.ms) for rows, refs in zip(t, r)]
 
             timings, paired = run_paired_rounds(
                 fns, per_round, ref_fn, rounds=rounds, max_extra_rounds=max_extra_rounds, timer=timer,
-                done=lambda t, r: all(x.precision <= tolerance for x in corrected(t, r)), chunks=chunks)
+                done=lambda t, r: len(t[0]) >= MIN_ROUNDS_FOR_INTERVAL and all(
+                    x.precision <= tolerance for x in corrected(t, r)), chunks=chunks)
             summaries = corrected(timings, paired)
+            enough = len(timings[0]) >= MIN_ROUNDS_FOR_INTERVAL
 
     context = dict(device=str(dev), device_name=device_name(dev), threads=threads_used,
                    torch_version=torch.__version__.split("+")[0])
@@ -734,7 +752,7 @@ def measure_many(
         results.append(LatencyResult(
             summary.value_ms, summary.spread, summary.round_medians_ms, summary.runs, n,
             remeasured=len(rounds_of_model) > rounds, context=ctx, ci_low_ms=summary.ci_low_ms,
-            ci_high_ms=summary.ci_high_ms, converged=summary.precision <= tolerance, tolerance=tolerance,
+            ci_high_ms=summary.ci_high_ms, converged=enough and summary.precision <= tolerance, tolerance=tolerance,
             raw_ms=summary.raw_ms, anchor_ms=ref.anchor.ms if ref is not None else None, drift=drift))
     return results
 
@@ -742,9 +760,18 @@ def measure_many(
 REFERENCE_OPTION = "reference-corrected"  # the context option that says the value is corrected by the reference
 
 
-def reference_key(device: torch.device, spec: InputSpec, threads: int) -> dict[str, Any]:
-    """What an anchor is valid for: this CPU model, thread count, torch version and input."""
-    return {"device": device.type, "device_name": device_name(device), "threads": threads,
+def clock_name(timer: Timer | None) -> str:
+    """``"thread"``, ``"wall"`` or the timer's own name: the clock is part of what an anchor is valid for."""
+    if timer is thread_cpu_timer:
+        return "thread"
+    if timer is None or timer is cpu_timer:
+        return "wall"
+    return getattr(timer, "__name__", type(timer).__name__)
+
+
+def reference_key(device: torch.device, spec: InputSpec, threads: int, clock: str = "wall") -> dict[str, Any]:
+    """What an anchor is valid for: this CPU model, thread count, clock, torch version and input."""
+    return {"device": device.type, "device_name": device_name(device), "threads": threads, "clock": clock,
             "torch_version": torch.__version__.split("+")[0], "batch": spec.batch, "height": spec.height,
             "width": spec.width, "dtype": spec.dtype,
             "input": {"batch": spec.batch, "channels": spec.channels, "height": spec.height, "width": spec.width,
@@ -762,7 +789,7 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
         raise MeasurementError("the reference workload corrects CPU measurements only")
     if spec.layout != "nchw":
         spec = InputSpec(spec.batch, spec.channels, spec.height, spec.width, spec.dtype)
-    key = reference_key(dev, spec, threads)
+    key = reference_key(dev, spec, threads, clock_name(timer))
     anchor = _reference.read_anchor(key, cache_dir)
     if anchor is None:
         [result] = measure_many([_reference.reference_model(spec.channels)], spec, device=dev, threads=threads,
@@ -777,6 +804,8 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
 def _resolve_reference(reference: Any, dev: torch.device, spec: InputSpec, threads: int,
                        timer: Timer) -> _reference.Reference | None:
     if isinstance(reference, _reference.Reference):
+        if dev.type != "cpu":
+            raise MeasurementError("a Reference corrects CPU measurements only; use it with device='cpu'")
         return reference
     if reference is False or reference is None or dev.type != "cpu":
         if reference is True and dev.type != "cpu":

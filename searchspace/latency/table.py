@@ -44,6 +44,7 @@ from .measure import (  # thread_cpu_timer is also imported from here by the ben
     DEFAULT_INPUT,
     InputSpec,
     MeasurementError,
+    clock_name,
     cpu_timer,
     measure_many,
     reference_for,
@@ -218,7 +219,8 @@ class LatencyTable:
             with locked(table.path):
                 write_table(table.path, key, TableData(), protocol)
             if resolve_device(device).type == "cpu":
-                _reference.forget_anchor(reference_key(resolve_device(device), key.input_spec, key.threads),
+                clock = clock_name(protocol.timer(torch.device("cpu"), key.threads))
+                _reference.forget_anchor(reference_key(resolve_device(device), key.input_spec, key.threads, clock),
                                          cache_dir)
         table.refresh()
         return table
