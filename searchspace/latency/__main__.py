@@ -213,17 +213,20 @@ def run_build(args: argparse.Namespace) -> int:
     for name in ("models", "check"):
         if getattr(args, name) < 0:
             raise MixerNASError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if isinstance(args.num_classes, bool) or args.num_classes < 0:
+        raise MixerNASError(f"--num-classes must be >= 0, got {args.num_classes}")
     if args.models < 4:
         raise MixerNASError(f"--models {args.models} is too few to fit and check a predictor; use 4 or more")
     space = get_space(args.space)
-    threads = args.threads or (1 if args.device == "cpu" else None)
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     start = time.perf_counter()
     table = LatencyTable.open(args.device, spec, threads=threads, cache_dir=args.cache_dir, rebuild=args.rebuild,
                               num_classes=args.num_classes)
+    before = len(table)
     try:
-        built = table.build_for_space(space)
+        table.build_for_space(space)
     except MixerNASError:  # a define-by-run space: its parts are measured with the models drawn from it
-        built = 0
+        pass
     calibration = table.ensure_calibrated(space, models=args.models, seed=args.seed)
     have = {o.arch for o in table.observations}
     checked = None
@@ -232,6 +235,7 @@ def run_build(args: argparse.Namespace) -> int:
         print(f"checking the table on {len(archs)} architectures it was not fitted on", file=sys.stderr)
         checked = table.check(archs)
     seconds = time.perf_counter() - start
+    built = len(table) - before
     ref = table.reference()
     if args.json:
         data = {"table": str(table.path), "parts": len(table), "measured_now": built, "seconds": seconds,

@@ -172,17 +172,22 @@ def _thaw(value: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _layer(kind: str, name: str) -> nn.Module:
-    """A stem or downsampling layer of this kind on the meta device (no memory, no compute), to ask its geometry."""
+def _layer(factory: Any) -> nn.Module:
+    """A stem or downsampling layer from ``factory`` on the meta device (no memory, no compute), to ask its
+    geometry. Keyed by the factory, not its name, so a layer registered again under a name is asked anew."""
     with torch.device("meta"):
-        return (STEMS if kind == "stem" else DOWNSAMPLES).get(name)(8, 8, _shell_arch())
+        return factory(8, 8, _shell_arch())
 
 
-@functools.lru_cache(maxsize=4096)
 def layer_output_size(kind: str, name: str, height: int, width: int) -> tuple[int, int]:
     """``(H, W)`` out of the stem or downsampling layer ``name`` for a ``height x width`` input: the layer's own
     ``output_size`` where it has one, else its forward run on the meta device (a user's layer, say)."""
-    layer = _layer(kind, name)
+    return _output_size((STEMS if kind == "stem" else DOWNSAMPLES).get(name), height, width)
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_size(factory: Any, height: int, width: int) -> tuple[int, int]:
+    layer = _layer(factory)
     if hasattr(layer, "output_size"):
         return tuple(layer.output_size(height, width))
     with torch.device("meta"):

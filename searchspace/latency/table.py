@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from ..arch import Arch
+from ..model import build_model
 from ..space import SearchSpace, get_space
 from . import reference as _reference
 from .cache import latency_dir, locked
@@ -374,7 +375,9 @@ class LatencyTable:
     def _measure_whole(self, archs: Sequence[Arch]) -> list[float]:
         """Whole models, interleaved, with the protocol the search measures candidates with."""
         timer = self.protocol.timer(resolve_device(self.device), self.key.threads)
-        results = measure_many(list(archs), self.key.input_spec, device=self.device, threads=self.key.threads,
+        # built as the parts describe them: this table's classes and input channels
+        models = [build_model(a, num_classes=self.num_classes, in_chans=self.key.channels) for a in archs]
+        results = measure_many(models, self.key.input_spec, device=self.device, threads=self.key.threads,
                                timer=timer, reference=self.reference() or False)
         return [r.value_ms for r in results]
 
