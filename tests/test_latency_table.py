@@ -324,6 +324,17 @@ def test_the_weights_feature_is_the_models_own_parameter_count(tmp_path):
         assert features.sum_ms == 0.0  # nothing measured: features() never measures
 
 
+def test_the_small_map_features_are_the_share_of_the_parts_on_maps_of_at_most_2x2(tmp_path):
+    table = open_table(tmp_path, spec=InputSpec(height=32, width=32))  # stage maps 8, 4, 2 and 1 pixels wide
+    arch = searchspace.preset("PoolFormerV2-S12")
+    table.predict(arch)  # measures its parts (deterministic fake latencies)
+    features = table.features(arch)
+    small = [u.part for u in table.parts(arch) if u.part.height * u.part.width <= 4]
+    assert small and {p.height for p in small} == {2, 1}  # stages 3 and 4, the head, the downsampling into 4
+    assert features.small_sum_ms == pytest.approx(sum(table.get(p) for p in small))
+    assert 0 < features.small_sum_ms < features.sum_ms and 0 < features.small_weight_mb < features.weight_mb
+
+
 def test_each_part_entry_is_the_measurement_of_that_part_built_alone(tmp_path):
     arch = searchspace.preset("CAS-ViT-XS")
     table = open_table(tmp_path)
@@ -348,9 +359,14 @@ def test_missing_parts_are_reported_and_the_total_is_a_lower_bound(tmp_path):
 
 
 def synthetic_features(n, seed=0):
-    """``n`` models whose sum of parts, part count and weights vary independently."""
+    """``n`` models whose sum of parts, part count, weights and small-map shares vary independently."""
     rng = random.Random(seed)
-    return [Features(rng.uniform(0.5, 20.0), rng.randint(8, 40), rng.uniform(0.1, 30.0)) for _ in range(n)]
+    out = []
+    for _ in range(n):
+        total, weights = rng.uniform(0.5, 20.0), rng.uniform(0.1, 30.0)
+        out.append(Features(total, rng.randint(8, 40), weights, total * rng.uniform(0.05, 0.6),
+                            weights * rng.uniform(0.1, 0.9)))
+    return out
 
 
 TRUE_COEFFICIENTS = {
@@ -360,6 +376,8 @@ TRUE_COEFFICIENTS = {
     "weights": (1.05, 0.03),
     "per_part+weights": (1.1, 0.04, 0.02),
     "full": (1.1, 0.04, 0.02, 0.5),
+    "small_maps": (1.0, 0.3, 0.04, 0.02),
+    "small_map_weights": (1.1, 0.04, 0.01, 0.05),
 }
 
 
@@ -372,6 +390,9 @@ def test_the_forms_are_the_documented_features():
     assert f.vector("weights") == [2.0, 1.5]
     assert f.vector("per_part+weights") == [2.0, 10.0, 1.5]
     assert f.vector("full") == [2.0, 10.0, 1.5, 1.0]
+    g = Features(2.0, 10, 1.5, 0.5, 0.25)  # of which 0.5 ms and 0.25 MB on maps of at most 2x2 pixels
+    assert g.vector("small_maps") == [2.0, 0.5, 10.0, 1.5]
+    assert g.vector("small_map_weights") == [2.0, 10.0, 1.5, 0.25]
     assert Calibration("full", (1.1, 0.04, 0.02, 0.5)).apply(f) == pytest.approx(2.2 + 0.4 + 0.03 + 0.5)
 
 

@@ -1,14 +1,15 @@
 """From the table's parts to a whole model's latency: features, fitted forms, and their held-out accuracy.
 
-A plain sum of parts timed one by one misses what only a whole model pays, and what it misses depends on the
-model: a fixed cost per part (code and data a part run alone in a loop keeps hot; it dominates at 32x32, where a
-block takes tens of microseconds) and the cost of streaming the weights (a part alone keeps its few hundred KB in
-cache; a whole model at 32x32 carries tens of MB, more than the last-level cache, and reads them from memory on
-every pass). So each model is described by a few features of its parts (:class:`Features`): the sum of their
-table latencies, how many there are, and the megabytes of weights they hold. A *form* is a choice of features;
-its coefficients are fitted by least squares on the relative error of whole models measured for real, and the
-form kept is the one that predicts best *held out* (leave-one-out over the measured models), never assumed.
-Forms with more coefficients need more models (:data:`MIN_EXTRA_MODELS` beyond their coefficient count).
+A plain sum of parts timed one by one misses what only a whole model pays, and what it misses depends on the model:
+a fixed cost per part (code and data a part run alone in a loop keeps hot; it dominates at 32x32, where a block
+takes tens of microseconds) and the cost of streaming the weights (a part alone keeps its few hundred KB in cache; a
+whole model at 32x32 carries tens of MB, more than the last-level cache, and reads them from memory on every pass).
+So each model is described by a few features of its parts (:class:`Features`): the sum of their table latencies, how
+many there are, and the megabytes of weights they hold. A *form* is a choice of features (one also splits out the
+parts on maps of at most 2x2 pixels, whose cost is mostly reading their weights); its coefficients are fitted by
+least squares on the relative error of whole models measured for real, and the form kept is the one that predicts
+best *held out* (leave-one-out over the measured models), never assumed. Forms with more coefficients need more
+models (:data:`MIN_EXTRA_MODELS` beyond their coefficient count).
 
 The held-out predictions also give what a user needs to know before trusting a table: mean absolute percentage
 error, the share within +-10%, and Kendall's tau of the ranking (:class:`Accuracy`).
@@ -32,7 +33,11 @@ FORMS: dict[str, tuple[str, ...]] = {
     "weights": ("weight_mb",),
     "per_part+weights": ("parts", "weight_mb"),
     "full": ("parts", "weight_mb", "one"),
+    # parts on maps of at most SMALL_MAP pixels are mostly reading their weights: their own share of each
+    "small_maps": ("small_sum_ms", "parts", "weight_mb"),
+    "small_map_weights": ("parts", "weight_mb", "small_weight_mb"),
 }
+SMALL_MAP = 4  # pixels (2x2): a block there does a few multiply-adds per weight it reads
 MIN_EXTRA_MODELS = 3  # a form with k coefficients is tried on at least k + 3 models (leave-one-out fits k + 2)
 TIE = 0.002  # a more complex form must predict at least 0.2 points better held out to be chosen
 
@@ -48,9 +53,12 @@ class Features:
     sum_ms: float  # sum of the parts' table latencies
     parts: int  # stem, blocks, downsampling layers and head
     weight_mb: float  # megabytes of parameters the parts hold (in the measured dtype)
+    small_sum_ms: float = 0.0  # the share of sum_ms of parts on maps of at most SMALL_MAP pixels
+    small_weight_mb: float = 0.0  # the share of weight_mb of those parts
 
     def vector(self, form: str) -> list[float]:
-        values = {"one": 1.0, "parts": float(self.parts), "weight_mb": self.weight_mb}
+        values = {"one": 1.0, "parts": float(self.parts), "weight_mb": self.weight_mb,
+                  "small_sum_ms": self.small_sum_ms, "small_weight_mb": self.small_weight_mb}
         return [self.sum_ms, *(values[name] for name in FORMS[form])]
 
 

@@ -64,7 +64,16 @@ from .parts import (
     part_to_dict,
     space_parts,
 )
-from .predictor import IDENTITY, Accuracy, Calibration, Features, accuracy, fit_calibration, holdout_predictions
+from .predictor import (
+    IDENTITY,
+    SMALL_MAP,
+    Accuracy,
+    Calibration,
+    Features,
+    accuracy,
+    fit_calibration,
+    holdout_predictions,
+)
 from .storage import Observation, TableData, TableKey, read_table, table_key, write_table
 
 # measure(modules, input_specs) -> milliseconds per module. Injectable so tests count calls instead of timing.
@@ -284,9 +293,12 @@ class LatencyTable:
         """What the predictor sees of ``arch``: the sum of its parts' entries, their number and weights (MB)."""
         entries = self._data.entries if entries is None else entries
         uses = self.parts(arch)
-        total = math.fsum(entries.get(u.part, 0.0) for u in uses)
-        weights = sum(part_params(u.part) for u in uses) * DTYPE_BYTES.get(self.key.dtype, 4) / 1e6
-        return Features(total, len(uses), weights)
+        small = [u for u in uses if u.part.height * u.part.width <= SMALL_MAP]
+        mb = DTYPE_BYTES.get(self.key.dtype, 4) / 1e6
+        return Features(math.fsum(entries.get(u.part, 0.0) for u in uses), len(uses),
+                        sum(part_params(u.part) for u in uses) * mb,
+                        math.fsum(entries.get(u.part, 0.0) for u in small),
+                        sum(part_params(u.part) for u in small) * mb)
 
     def predict(self, arch: Arch, *, measure_missing: bool = True, calibrated: bool = True) -> Prediction:
         """Predicted latency of ``arch`` (no model is built when its parts are in the table).
