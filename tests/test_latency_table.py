@@ -38,7 +38,6 @@ from searchspace.latency.parts import (
 )
 from searchspace.latency.predictor import (
     FORMS,
-    MIN_EXTRA_MODELS,
     TIE,
     Accuracy,
     Calibration,
@@ -48,6 +47,7 @@ from searchspace.latency.predictor import (
     fit_calibration,
     holdout_predictions,
     kendall_tau,
+    min_models,
 )
 from searchspace.latency.reference import Anchor, Reference
 from searchspace.latency.storage import TABLE_FORMAT, Observation, table_key
@@ -398,13 +398,13 @@ def test_the_forms_are_the_documented_features():
 
 @pytest.mark.parametrize("form", list(FORMS))
 def test_fit_recovers_the_coefficients_of_data_made_by_each_form(form):
-    features = synthetic_features(10)
+    features = synthetic_features(16)
     measured = [Calibration(form, TRUE_COEFFICIENTS[form]).apply(f) for f in features]
     c = fit_calibration(features, measured)
     assert c.form == form  # the simpler forms miss held out, the more complex ones do no better
     assert c.coefficients == pytest.approx(TRUE_COEFFICIENTS[form], rel=1e-6)
-    assert c.models == 10 and c.fit_mape == pytest.approx(0.0, abs=1e-9)
-    assert c.holdout.models == 10 and c.holdout.mape == pytest.approx(0.0, abs=1e-9)
+    assert c.models == 16 and c.fit_mape == pytest.approx(0.0, abs=1e-9)
+    assert c.holdout.models == 16 and c.holdout.mape == pytest.approx(0.0, abs=1e-9)
     assert c.holdout.within10 == 1.0 and c.holdout.tau == pytest.approx(1.0)
     forced = fit_calibration(features, measured, form=form)
     assert forced.form == form and forced.coefficients == pytest.approx(TRUE_COEFFICIENTS[form], rel=1e-6)
@@ -457,13 +457,14 @@ def test_fewer_than_four_models_fall_back_to_the_scale_without_a_held_out_figure
         assert c.apply(features[0]) == pytest.approx(measured[0])
 
 
-@pytest.mark.parametrize("n", [4, 5, 6, 7])
+@pytest.mark.parametrize("n", [4, 5, 6, 7, 15, 16])
 def test_a_form_is_tried_only_on_enough_models_to_judge_it_held_out(n):
     features = synthetic_features(n, seed=2)
     measured = [Calibration("full", TRUE_COEFFICIENTS["full"]).apply(f) for f in features]
     c = fit_calibration(features, measured)
-    assert 1 + len(FORMS[c.form]) + MIN_EXTRA_MODELS <= n
-    assert (c.form == "full") == (n >= 7) and c.holdout.models == n
+    assert min_models(c.form) <= n
+    assert min_models("per_part") == 5 and min_models("per_part+weights") == 6 and min_models("full") == 16
+    assert (c.form == "full") == (n >= 16) and c.holdout.models == n
 
 
 def test_a_form_asked_for_by_name_is_fitted_even_on_few_models():
