@@ -49,11 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="python -m searchspace.latency", description=DESCRIPTION,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("arch", help="a preset name (e.g. PoolFormerV2-S12) or the path of an architecture JSON file")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--input-size", default="224", metavar="N | HxW",
-                   help="image size in pixels, square (224) or height x width (256x192) (default: 224)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
-    p.add_argument("--channels", type=int, default=3, help="input channels (default: 3)")
+    _input_arguments(p)
     p.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default: 1000)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads while measuring (default: torch's current count; 1 gives the "
@@ -80,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="folder of the lookup tables (default: see above)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     return p
+
+
+def _input_arguments(p: argparse.ArgumentParser) -> None:
+    """The device and input flags both commands share."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--input-size", default="224", metavar="N | HxW",
+                   help="image size in pixels, square (224) or height x width (256x192) (default: 224)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
+    p.add_argument("--channels", type=int, default=3, help="input channels (default: 3; the digits have 1)")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -184,11 +189,7 @@ def build_build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(prog="python -m searchspace.latency build", description=BUILD_DESCRIPTION,
                    formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="default", help="search space name or package.module:function (default: default)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--input-size", default="224", metavar="N | HxW",
-                   help="image size in pixels, square (32) or height x width (256x192) (default: 224)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
-    p.add_argument("--channels", type=int, default=3, help="input channels (default: 3; the digits have 1)")
+    _input_arguments(p)
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10, the digits)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 on the CPU, as the search measures)")

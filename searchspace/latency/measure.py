@@ -721,23 +721,18 @@ def measure_many(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
-        if ref is None:
-            timings = run_rounds(fns, per_round, rounds=rounds, tolerance=tolerance,
-                                 max_extra_rounds=max_extra_rounds, timer=timer,
-                                 done=lambda t: len(t[0]) >= MIN_ROUNDS_FOR_INTERVAL and all(
-                                     summarize(rows).precision <= tolerance for rows in t))
-            summaries = [summarize(rows) for rows in timings]
-            enough = len(timings[0]) >= MIN_ROUNDS_FOR_INTERVAL
-        else:
-            def corrected(t, r):
-                return [summarize(rows, refs, ref.anchor.ms) for rows, refs in zip(t, r)]
+        def summaries_of(t: list[list[list[float]]], r: list[list[list[float]]]) -> list[Summary]:
+            if ref is None:
+                return [summarize(rows) for rows in t]
+            return [summarize(rows, refs, ref.anchor.ms) for rows, refs in zip(t, r)]
 
-            timings, paired = run_paired_rounds(
-                fns, per_round, ref_fn, rounds=rounds, max_extra_rounds=max_extra_rounds, timer=timer,
-                done=lambda t, r: len(t[0]) >= MIN_ROUNDS_FOR_INTERVAL and all(
-                    x.precision <= tolerance for x in corrected(t, r)), chunks=chunks)
-            summaries = corrected(timings, paired)
-            enough = len(timings[0]) >= MIN_ROUNDS_FOR_INTERVAL
+        def done(t: list[list[list[float]]], r: list[list[list[float]]]) -> bool:
+            return len(t[0]) >= MIN_ROUNDS_FOR_INTERVAL and all(x.precision <= tolerance for x in summaries_of(t, r))
+
+        timings, paired = _rounds(fns, per_round, ref_fn, rounds=rounds, max_extra_rounds=max_extra_rounds,
+                                  timer=timer, done=done, chunks=chunks or None)
+        summaries = summaries_of(timings, paired)
+        enough = len(timings[0]) >= MIN_ROUNDS_FOR_INTERVAL
 
     context = dict(device=str(dev), device_name=device_name(dev), threads=threads_used,
                    torch_version=torch.__version__.split("+")[0])
@@ -774,8 +769,7 @@ def clock_name(timer: Timer | None) -> str:
 def reference_key(device: torch.device, spec: InputSpec, threads: int, clock: str = "wall") -> dict[str, Any]:
     """What an anchor is valid for: this CPU model, thread count, clock, torch version and input."""
     return {"device": device.type, "device_name": device_name(device), "threads": threads, "clock": clock,
-            "torch_version": torch.__version__.split("+")[0], "batch": spec.batch, "height": spec.height,
-            "width": spec.width, "dtype": spec.dtype,
+            "torch_version": torch.__version__.split("+")[0],
             "input": {"batch": spec.batch, "channels": spec.channels, "height": spec.height, "width": spec.width,
                       "dtype": spec.dtype}}
 
@@ -798,8 +792,8 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
                                 rounds=anchor_rounds, max_extra_rounds=3 * anchor_rounds, target_round_ms=20.0,
                                 tolerance=anchor_tolerance, timer=timer, reference=False)
         anchor = _reference.write_anchor(key, _reference.Anchor(result.value_ms, result.ci_low_ms,
-                                                                result.ci_high_ms, result.rounds,
-                                                                _reference.now()), cache_dir)
+                                                                result.ci_high_ms, result.rounds, time.time()),
+                                         cache_dir)
     return _reference.Reference(key, anchor, spec.channels)
 
 

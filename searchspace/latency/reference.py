@@ -21,7 +21,6 @@ at the measured input size, so it leans on the machine the way the candidates do
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,7 +82,8 @@ class Reference:
 
 def anchor_path(key: Mapping[str, Any], cache_dir: str | Path | None = None) -> Path:
     k = dict(key)
-    return latency_dir(cache_dir) / f"reference-{k['height']}x{k['width']}-b{k['batch']}-{digest(k)}.json"
+    size = k["input"]
+    return latency_dir(cache_dir) / f"reference-{size['height']}x{size['width']}-b{size['batch']}-{digest(k)}.json"
 
 
 def read_anchor(key: Mapping[str, Any], cache_dir: str | Path | None = None) -> Anchor | None:
@@ -113,7 +113,3 @@ def forget_anchor(key: Mapping[str, Any], cache_dir: str | Path | None = None) -
     path = anchor_path(key, cache_dir)
     with locked(path):
         path.unlink(missing_ok=True)
-
-
-def now() -> float:
-    return time.time()

@@ -407,15 +407,19 @@ class LatencyTable:
         The search calls this for every candidate it measures, so the table predicts better with every trial.
         Parts of ``arch`` that are missing are measured first.
         """
+        self._add_observation(arch, measured_ms)
+        if save:
+            self.save()  # refits on everything in the file, other processes' observations included
+        else:
+            self._data.calibration = self._fit(self._data.observations, self._data.entries) or IDENTITY
+        return self._data.calibration
+
+    def _add_observation(self, arch: Arch, measured_ms: float) -> None:
         if not (isinstance(measured_ms, (int, float)) and math.isfinite(measured_ms) and measured_ms > 0):
             raise MeasurementError(f"a measured latency must be a positive number of ms, got {measured_ms!r}")
         self.predict(arch)  # measures the parts it lacks
         self._new_observations.append(Observation(arch, float(measured_ms)))
         self._data.observations.append(self._new_observations[-1])
-        self._data.calibration = self._fit(self._data.observations, self._data.entries) or IDENTITY
-        if save:
-            self.save()
-        return self._data.calibration
 
     def calibrate(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None, *,
                   progress: bool = True) -> Calibration:
@@ -430,8 +434,8 @@ class LatencyTable:
         if len(measured_ms) != len(archs):
             raise MeasurementError(f"calibration got {len(measured_ms)} latencies for {len(archs)} models")
         for arch, ms in zip(archs, measured_ms):
-            self.observe(arch, ms, save=False)
-        self.save()
+            self._add_observation(arch, ms)
+        self.save()  # one refit for all of them
         return self.calibration
 
     def ensure_calibrated(self, space: SearchSpace | str = "default", *, models: int = CALIBRATION_MODELS,
@@ -470,8 +474,8 @@ class LatencyTable:
             measured_ms = list(self._measure_models(archs))
         result = accuracy(predicted, list(measured_ms))
         for arch, ms in zip(archs, measured_ms):
-            self.observe(arch, ms, save=False)
-        self.save()
+            self._add_observation(arch, ms)
+        self.save()  # one refit for all of them
         return result
 
     def reset_calibration(self) -> None:
