@@ -61,6 +61,7 @@ def run_size(size: int, args) -> dict[str, float]:
     again = [r.value_ms for r in measure_many(archs, spec, threads=1, timer=thread_cpu_timer,
                                               reference=table.reference())]
     noise = statistics.fmean(abs(b - a) / a for a, b in zip(measured, again))
+    repeat = accuracy(again, measured)  # the second measurement as a "prediction" of the first: the ceiling
     print(f"{'#':>3} {'measured':>10} {'+-95%':>6} {'again':>10} {'predicted':>10} {'error':>7} {'sum':>10}  "
           f"architecture")
     for i, (a, r, m2, p, s) in enumerate(zip(archs, first, again, pred, raw)):
@@ -77,8 +78,11 @@ def run_size(size: int, args) -> dict[str, float]:
           f"(target <= {TARGET_NOISE:.0%}: {ok(noise <= TARGET_NOISE)}); widest 95% interval "
           f"+-{max(r.precision for r in first):.1%}, {sum(not r.converged for r in first)} of {len(first)} wider "
           f"than +-2%; measuring them took {measure_s:.0f} s")
+    print(f"ceiling:     the second measurement against the first: Kendall tau {repeat.tau:.3f}, "
+          f"{repeat.within10:.0%} within +-10% (no predictor can rank better than the clock repeats itself)")
     return {f"mape_{size}": acc.mape, f"within10_{size}": acc.within10, f"tau_{size}": acc.tau,
-            f"noise_{size}": noise, f"plain_mape_{size}": plain.mape, f"calibrate_s_{size}": calibrate_s,
+            f"noise_{size}": noise, f"repeat_tau_{size}": repeat.tau,
+            f"plain_mape_{size}": plain.mape, f"calibrate_s_{size}": calibrate_s,
             f"load_{size}": os.getloadavg()[0]}
 
 

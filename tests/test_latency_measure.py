@@ -164,12 +164,25 @@ def test_reference_rounds_take_out_a_machine_that_slows_down():
     ref = [[t * f for t in row] for row, f in zip(steady_ref, factor)]
     steady = summarize(steady_model, steady_ref, anchor_ms=1.25)
     slowed = summarize(model, ref, anchor_ms=1.25)
-    assert slowed.value_ms == steady.value_ms == 3.0 / 1.0 * 1.25  # model / reference x anchor, every round
-    assert slowed.round_medians_ms == steady.round_medians_ms == (3.75,) * 10
-    assert (slowed.ci_low_ms, slowed.ci_high_ms) == (steady.ci_low_ms, steady.ci_high_ms) == (3.75, 3.75)
+    per_round = 3.0 / (3.1 / 3) * 1.25  # mean model run / mean reference run x anchor, every round
+    assert slowed.value_ms == pytest.approx(per_round) and steady.value_ms == pytest.approx(per_round)
+    assert slowed.round_medians_ms == pytest.approx((per_round,) * 10)
+    assert steady.round_medians_ms == pytest.approx((per_round,) * 10)
+    assert slowed.ci_low_ms == pytest.approx(per_round) and slowed.ci_high_ms == pytest.approx(per_round)
     assert slowed.runs == 30
     assert steady.raw_ms == 3.0 and slowed.raw_ms == 6.0  # what the clock said, uncorrected
     assert summarize(model).value_ms == 6.0  # without the reference, the slow phase would be the answer
+
+
+def test_a_corrected_round_uses_the_mean_of_its_runs_and_a_spoilt_round_is_left_out_by_the_median():
+    model = [[2.0, 2.0, 5.0]] + [[2.0, 2.0, 2.0]] * 6  # one stray slow run in the first round
+    ref = [[1.0, 1.0, 1.0]] * 7
+    s = summarize(model, ref, anchor_ms=1.0)
+    assert s.round_medians_ms[0] == pytest.approx(3.0)  # every run of the round counts: (2 + 2 + 5) / 3
+    assert s.round_medians_ms[1:] == pytest.approx((2.0,) * 6)
+    assert s.value_ms == 2.0 and s.raw_ms == 2.0  # the median over rounds does not see the spoilt round
+    # the reference's runs are averaged likewise: a round whose reference ran 10% slow reads 10% fast
+    assert summarize([[2.0, 2.0]], [[1.0, 1.2]], anchor_ms=1.0).value_ms == pytest.approx(2.0 / 1.1)
 
 
 def test_reference_correction_needs_a_positive_reference_round_for_every_round_and_an_anchor():

@@ -20,6 +20,7 @@ import torch
 
 import searchspace
 from searchspace import Arch, MixerNASError, Stage
+from searchspace.arch import Blocks
 from searchspace.blocks import DOWNSAMPLES, STEMS
 from searchspace.latency import InputSpec, MeasurementError, storage
 from searchspace.latency import __main__ as latency_cli
@@ -335,6 +336,24 @@ def test_the_small_map_features_are_the_share_of_the_parts_on_maps_of_at_most_2x
     assert 0 < features.small_sum_ms < features.sum_ms and 0 < features.small_weight_mb < features.weight_mb
 
 
+def test_the_lead_feature_is_the_share_of_blocks_that_follow_a_different_part(tmp_path):
+    table = open_table(tmp_path, spec=InputSpec(height=32, width=32))
+    arch = searchspace.preset("PoolFormerV2-S12")  # depths 2, 2, 6, 2: four stages, each led by its first block
+    table.predict(arch)
+    uses = table.parts(arch)
+    firsts = [u for u in uses if u.label.endswith(".b0")]
+    assert len(firsts) == 4
+    features = table.features(arch)
+    assert features.lead_sum_ms == pytest.approx(sum(table.get(u.part) for u in firsts))
+    # a stage whose blocks are all alike has one leading block; a stage of two runs of different mixers has two
+    mixed = arch.replace_stage(2, depth=3, extra=(Blocks(mixer="attention", depth=3),))
+    table.predict(mixed)
+    leads = [u for prev, u in zip(table.parts(mixed), table.parts(mixed)[1:])
+             if u.part.kind == "block" and u.part != prev.part]
+    assert [u.label for u in leads] == ["s1.b0", "s2.b0", "s3.b0", "s3.b3", "s4.b0"]
+    assert table.features(mixed).lead_sum_ms == pytest.approx(sum(table.get(u.part) for u in leads))
+
+
 def test_each_part_entry_is_the_measurement_of_that_part_built_alone(tmp_path):
     arch = searchspace.preset("CAS-ViT-XS")
     table = open_table(tmp_path)
@@ -359,13 +378,13 @@ def test_missing_parts_are_reported_and_the_total_is_a_lower_bound(tmp_path):
 
 
 def synthetic_features(n, seed=0):
-    """``n`` models whose sum of parts, part count, weights and small-map shares vary independently."""
+    """``n`` models whose sum of parts, part count, weights, small-map and leading-block shares vary independently."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         total, weights = rng.uniform(0.5, 20.0), rng.uniform(0.1, 30.0)
         out.append(Features(total, rng.randint(8, 40), weights, total * rng.uniform(0.05, 0.6),
-                            weights * rng.uniform(0.1, 0.9)))
+                            weights * rng.uniform(0.1, 0.9), total * rng.uniform(0.2, 0.7)))
     return out
 
 
@@ -378,6 +397,7 @@ TRUE_COEFFICIENTS = {
     "full": (1.1, 0.04, 0.02, 0.5),
     "small_maps": (1.0, 0.3, 0.04, 0.02),
     "small_map_weights": (1.1, 0.04, 0.01, 0.05),
+    "lead_blocks": (0.94, 0.14, 0.04, 0.02),
 }
 
 
@@ -393,6 +413,8 @@ def test_the_forms_are_the_documented_features():
     g = Features(2.0, 10, 1.5, 0.5, 0.25)  # of which 0.5 ms and 0.25 MB on maps of at most 2x2 pixels
     assert g.vector("small_maps") == [2.0, 0.5, 10.0, 1.5]
     assert g.vector("small_map_weights") == [2.0, 10.0, 1.5, 0.25]
+    h = Features(2.0, 10, 1.5, lead_sum_ms=0.8)  # of which 0.8 ms in blocks that follow a different part
+    assert h.vector("lead_blocks") == [2.0, 0.8, 10.0, 1.5]
     assert Calibration("full", (1.1, 0.04, 0.02, 0.5)).apply(f) == pytest.approx(2.2 + 0.4 + 0.03 + 0.5)
 
 

@@ -9,7 +9,7 @@ import torch
 import search
 import searchspace
 from searchspace.latency import InputSpec
-from searchspace.latency.table import LatencyTable
+from searchspace.latency.table import CALIBRATION_MODELS, LatencyTable
 from searchspace.nas import SearchConfig
 from searchspace.nas import engine as engine_module
 
@@ -63,7 +63,8 @@ def test_search_writes_a_results_folder_whose_best_fits(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "best:" in captured.out
     assert "device cpu" in (out / "report.md").read_text()  # what --device auto resolved to
-    # the table's figures when the search opens it (calibrated on 10 whole models) and after the trials refined it
+    # the table's figures when the search opens it (calibrated on CALIBRATION_MODELS whole models) and after the
+    # trials refined it
     opened = next(line for line in captured.err.splitlines() if line.startswith("latency table prediction"))
     assert "fitted on" in opened and "held out: mean error" in opened and "Kendall tau" in opened
     assert "latency table, refined by this search's measurements: form" in captured.err
@@ -76,7 +77,7 @@ def test_search_writes_a_results_folder_whose_best_fits(tmp_path, capsys):
     assert len(measured) >= 2 and measured[-1][0].name == "IdentityFormer-S12"
     for arch, ms in measured:
         assert any(a == arch and o == pytest.approx(ms) for a, o in observed), arch.summary()
-    assert table.calibration.models == len(table.observations) >= 10 + len(measured)
+    assert table.calibration.models == len(table.observations) >= CALIBRATION_MODELS + len(measured)
 
 
 def test_rerun_resumes_up_to_the_requested_trials(tmp_path):

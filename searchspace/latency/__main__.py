@@ -25,6 +25,7 @@ from .. import cli
 from ..errors import MixerNASError
 from .counting import count_params_macs
 from .measure import DTYPES, InputSpec, measure_latency
+from .table import CALIBRATION_MODELS
 
 DESCRIPTION = """\
 Measure the latency of a preset or an architecture JSON file on this machine, print it with its 95% interval and
@@ -193,7 +194,8 @@ def build_build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10, help="classifier outputs (default: 10, the digits)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: 1 on the CPU, as the search measures)")
-    p.add_argument("--models", type=int, default=10, help="whole models the predictor is fitted on (default: 10)")
+    p.add_argument("--models", type=int, default=CALIBRATION_MODELS,
+                   help=f"whole models the predictor is fitted on (default: {CALIBRATION_MODELS}, as the search)")
     p.add_argument("--check", type=int, default=10,
                    help="further whole models predicted, then measured, to check the table (default: 10; 0 = skip)")
     p.add_argument("--seed", type=int, default=0, help="which architectures are drawn (default: 0)")

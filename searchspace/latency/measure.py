@@ -10,7 +10,8 @@ The protocol, and why:
   so a slow phase of the machine hits all of them alike.
 * **A reference workload in the same rounds (CPU).** A fixed model (:mod:`.reference`) is timed among each
   model's runs, one reference run after every chunk of runs about as long as itself (:func:`run_paired_rounds`);
-  the latency is the median of the per-round ratios model / reference, times the reference's *anchor* (its
+  the latency is the median of the per-round ratios model / reference (of their mean runs in the round, see
+  :func:`summarize`), times the reference's *anchor* (its
   latency on this machine, measured once and cached). The machine's own drift, shared by both, divides out.
 * **The statistic and its interval.** The value is the median over rounds (of the corrected round medians);
   its interval is the distribution-free confidence interval of a median from order statistics
@@ -133,7 +134,7 @@ class LatencyContext:
 class Summary:
     """The statistic of a set of rounds (see :func:`summarize`), in milliseconds."""
 
-    value_ms: float  # median over rounds (of the reference-corrected round medians when there is a reference)
+    value_ms: float  # median over rounds (of the reference-corrected round ratios when there is a reference)
     spread: float  # (median - lowest) / lowest of the same per-round values
     round_medians_ms: tuple[float, ...]  # the per-round values, in the order measured
     runs: int  # timed runs over all rounds
@@ -268,10 +269,15 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> 
 
 def summarize(timings_per_round: Sequence[Sequence[float]],
               reference_rounds: Sequence[Sequence[float]] | None = None, anchor_ms: float | None = None) -> Summary:
-    """Median of each round; then the median over rounds, its interval and spread.
+    """One value per round; then the median over rounds, its interval and spread.
 
-    With ``reference_rounds`` (the reference's timings in the same rounds) and its ``anchor_ms``, each round's
-    median is first divided by the reference's median of that round and multiplied by the anchor.
+    Without a reference a round's value is the median of its runs. With ``reference_rounds`` (the reference's
+    timings in the same rounds) and its ``anchor_ms``, it is the *mean* of the round's runs divided by the mean
+    of the reference runs among them, times the anchor: the runs of a round are paired within milliseconds, and
+    the means use every run where a median of three keeps one. Measured here (PoolFormerV2-S12 and
+    IdentityFormer-S12 at 32x32, 160 rounds cut into blocks), block estimates scattered 30-45% less than with
+    the ratio of round medians (sd 0.42% against 0.66% for blocks of 32 rounds). A round a stray slow run spoils
+    is one round: the median over rounds leaves it out.
 
     >>> s = summarize([[2.0, 2.1, 2.0], [60.0, 61.0, 59.0], [2.1, 2.0, 2.2]])
     >>> s.value_ms, s.runs
@@ -279,15 +285,16 @@ def summarize(timings_per_round: Sequence[Sequence[float]],
     >>> summarize([[2.0], [4.0]], reference_rounds=[[1.0], [2.0]], anchor_ms=1.0).value_ms  # the machine halved
     2.0
     """
-    medians = [statistics.median(_finite_timings(r, "timings")) for r in timings_per_round]
+    timings = [_finite_timings(r, "timings") for r in timings_per_round]
+    medians = [statistics.median(r) for r in timings]
     raw = statistics.median(medians)
     values = medians
     if reference_rounds is not None:
-        ref = [statistics.median(_finite_timings(r, "reference timings")) for r in reference_rounds]
+        ref = [statistics.fmean(_finite_timings(r, "reference timings")) for r in reference_rounds]
         if len(ref) != len(medians) or anchor_ms is None or any(v <= 0 for v in ref):
             raise MeasurementError("a reference correction needs positive reference timings for every round and "
                                    "an anchor")
-        values = [m / r * anchor_ms for m, r in zip(medians, ref)]
+        values = [statistics.fmean(t) / r * anchor_ms for t, r in zip(timings, ref)]
     low, high = median_interval(values)
     return Summary(statistics.median(values), relative_spread(values), tuple(values),
                    sum(len(r) for r in timings_per_round), low, high, raw)

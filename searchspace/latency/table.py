@@ -81,7 +81,11 @@ MeasureParts = Callable[[Sequence[nn.Module], Sequence[InputSpec]], Sequence[flo
 # measure_models(archs) -> milliseconds per whole model, likewise injectable.
 MeasureModels = Callable[[Sequence[Arch]], Sequence[float]]
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-CALIBRATION_MODELS = 10  # whole models measured when a table is first opened for a search
+# Whole models measured when a table is first opened for a search. 16 lets the four-coefficient forms compete
+# (predictor.min_models): on 40 measured models per size (Xeon, 1 thread), the 'lead_blocks' form fitted on 16
+# predicted the other 24 with Kendall tau 0.941 at 32x32 and 0.950 at 64x64, where 'per_part+weights' fitted on
+# 10 gave 0.926 and 0.938. It costs about 25 s more at 32x32, once per device and input.
+CALIBRATION_MODELS = 16
 
 
 @functools.cache
@@ -290,15 +294,18 @@ class LatencyTable:
         return arch_parts(arch, self.key.height, self.key.width, self.key.channels, self.num_classes)
 
     def features(self, arch: Arch, entries: Mapping[Part, float] | None = None) -> Features:
-        """What the predictor sees of ``arch``: the sum of its parts' entries, their number and weights (MB)."""
+        """What the predictor sees of ``arch``: the sum of its parts' entries, their number and weights (MB), and
+        the shares of parts on small maps and of blocks leading a run (see :class:`~.predictor.Features`)."""
         entries = self._data.entries if entries is None else entries
         uses = self.parts(arch)
         small = [u for u in uses if u.part.height * u.part.width <= SMALL_MAP]
         mb = DTYPE_BYTES.get(self.key.dtype, 4) / 1e6
+        lead = [u for prev, u in zip(uses, uses[1:]) if isinstance(u.part, BlockPart) and u.part != prev.part]
         return Features(math.fsum(entries.get(u.part, 0.0) for u in uses), len(uses),
                         sum(part_params(u.part) for u in uses) * mb,
                         math.fsum(entries.get(u.part, 0.0) for u in small),
-                        sum(part_params(u.part) for u in small) * mb)
+                        sum(part_params(u.part) for u in small) * mb,
+                        math.fsum(entries.get(u.part, 0.0) for u in lead))
 
     def predict(self, arch: Arch, *, measure_missing: bool = True, calibrated: bool = True) -> Prediction:
         """Predicted latency of ``arch`` (no model is built when its parts are in the table).
