@@ -43,7 +43,7 @@ from compress.steps import STEPS, StepContext, get_step  # noqa: E402
 from searchspace.data import load_data  # noqa: E402
 from searchspace.evaluators import TrainEvaluator, validate  # noqa: E402
 from searchspace.latency import InputSpec, measure_many  # noqa: E402
-from searchspace.latency.table import thread_cpu_timer  # noqa: E402
+from searchspace.latency.measure import thread_cpu_timer  # noqa: E402
 
 PRUNE_TARGET = (1.5, 1.0)  # speed-up at least, accuracy points lost at most
 TOKEN_TARGET = 1.3

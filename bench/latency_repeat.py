@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     p.add_argument("--clock", choices=("wall", "thread"), default="thread",
                    help="the measuring thread's CPU time (default, as the search) or the wall clock")
     p.add_argument("--no-reference", action="store_true", help="measure without the reference's drift correction")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="the relative half-width of each measurement's 95%% interval to reach (default: the CLI's)")
+    p.add_argument("--max-extra-rounds", type=int, default=None,
+                   help="most rounds each measurement adds to get there (default: the CLI's)")
     p.add_argument("--load", action="store_true", help="keep the other core busy with a second process")
     p.add_argument("--cache-dir", default=None,
                    help="cache folder for the reference's anchor (default: a fresh temporary folder)")
@@ -56,7 +60,9 @@ def main(argv=None) -> int:
         for i in range(args.processes):
             cmd = [sys.executable, "-m", "searchspace.latency", args.model, "--input-size", args.input_size,
                    "--channels", str(args.channels), "--threads", str(args.threads), "--clock", args.clock,
-                   "--no-table", "--json", *(["--no-reference"] if args.no_reference else [])]
+                   "--no-table", "--json", *(["--no-reference"] if args.no_reference else []),
+                   *(["--tolerance", str(args.tolerance)] if args.tolerance is not None else []),
+                   *(["--max-extra-rounds", str(args.max_extra_rounds)] if args.max_extra_rounds is not None else [])]
             done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env=env)
             if done.returncode != 0:
                 print(done.stderr, file=sys.stderr)

@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import searchspace  # noqa: E402
 from bench.load import busy_core  # noqa: E402
 from searchspace.latency import InputSpec, device_name, format_ms, measure_many  # noqa: E402
+from searchspace.latency.measure import thread_cpu_timer  # noqa: E402
 from searchspace.latency.predictor import accuracy  # noqa: E402
-from searchspace.latency.table import CALIBRATION_MODELS, LatencyTable, sample_archs, thread_cpu_timer  # noqa: E402
+from searchspace.latency.table import CALIBRATION_MODELS, LatencyTable, sample_archs  # noqa: E402
 
 TARGET_MAPE, TARGET_WITHIN10, TARGET_TAU, TARGET_NOISE = 0.04, 0.95, 0.95, 0.02
 

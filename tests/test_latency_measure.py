@@ -39,14 +39,15 @@ from searchspace.latency import (
 from searchspace.latency import reference as reference_module
 from searchspace.latency.cache import CACHE_ENV
 from searchspace.latency.measure import (
-    CONFIDENCE,
-    MIN_RUNS_PER_ROUND,
     REFERENCE_OPTION,
     _resolve_reference,
+    clock_for,
     clock_name,
     cpu_timer,
     reference_key,
+    thread_cpu_timer,
 )
+from searchspace.latency.stats import CONFIDENCE, MIN_RUNS_PER_ROUND
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TINY = InputSpec(batch=1, channels=3, height=8, width=8)
@@ -190,6 +191,15 @@ def test_reference_correction_needs_a_positive_reference_round_for_every_round_a
     for ref, anchor in (([[1.0]], 1.0), ([[1.0], [1.0]], None), ([[1.0], [0.0]], 1.0)):
         with pytest.raises(MeasurementError, match="reference"):
             summarize(rounds, ref, anchor_ms=anchor)
+
+
+def test_one_place_decides_the_clock_thread_cpu_time_only_where_it_is_exact():
+    assert clock_for("cpu", 1) is thread_cpu_timer  # the search's, the table's and the CLI's default
+    assert clock_for(CPU, 2) is cpu_timer and clock_for("cpu", None) is cpu_timer
+    assert clock_for("cpu", 1, "wall") is cpu_timer and clock_for("cpu", 4, "thread") is thread_cpu_timer
+    assert clock_name(clock_for("cpu", 1)) == "thread" and clock_name(clock_for("cpu", 2)) == "wall"
+    with pytest.raises(MeasurementError, match="unknown clock 'sundial'"):
+        clock_for("cpu", 1, "sundial")
 
 
 def test_calibrate_runs_sizes_rounds_and_clamps():

@@ -24,6 +24,7 @@ from searchspace.arch import Blocks
 from searchspace.blocks import DOWNSAMPLES, STEMS
 from searchspace.latency import InputSpec, MeasurementError, storage
 from searchspace.latency import __main__ as latency_cli
+from searchspace.latency import measure as measure_mod
 from searchspace.latency import table as table_mod
 from searchspace.latency.measure import as_model
 from searchspace.latency.parts import (
@@ -913,6 +914,32 @@ def test_sample_archs_draws_distinct_architectures_reproducibly():
     assert sample_archs(one, 5) == [searchspace.preset("PoolFormerV2-S12")]  # fewer when the space runs out
 
 
+@pytest.mark.parametrize("protocol, threads, parts_corrected, models_corrected", [
+    (PartProtocol(), 1, False, True),  # the default: thread clock, parts as measured, whole models corrected
+    (PartProtocol(), 2, True, True),  # the wall clock: parts corrected too
+    (PartProtocol(clock="wall"), 1, True, True),
+    (PartProtocol(reference=True), 1, True, True),
+    (PartProtocol(reference=False), 1, False, False),
+])
+def test_parts_on_the_thread_clock_are_taken_as_measured_and_whole_models_are_corrected(
+        tmp_path, monkeypatch, protocol, threads, parts_corrected, models_corrected):
+    given = []  # (what was measured, the reference it was corrected by)
+
+    def fake_measure_many(models, input_spec, **kwargs):
+        given.append(("models" if isinstance(input_spec, InputSpec) else "parts", kwargs["reference"]))
+        return [SimpleNamespace(value_ms=1.0) for _ in models]
+
+    monkeypatch.setattr(table_mod, "measure_many", fake_measure_many)
+    monkeypatch.setattr(table_mod, "reference_for", lambda *a, **k: ANCHOR)
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=threads,
+                              cache_dir=tmp_path, num_classes=10, protocol=protocol)
+    table.calibrate(distinct_tiny(2, seed=13), progress=False)
+    kinds = {kind: ref for kind, ref in given}
+    assert set(kinds) == {"parts", "models"}
+    assert kinds["parts"] is (ANCHOR if parts_corrected else False)
+    assert kinds["models"] is (ANCHOR if models_corrected else False)
+
+
 def test_real_measurement_of_a_few_parts_is_positive(tmp_path):
     table = LatencyTable.open("cpu", InputSpec(height=16, width=16), threads=1, cache_dir=tmp_path,
                               protocol=PartProtocol(warmup=1, rounds=1, target_round_ms=1.0, reference=False))
@@ -926,9 +953,9 @@ def test_real_measurement_of_a_few_parts_is_positive(tmp_path):
 def test_the_part_clock_is_thread_cpu_time_only_where_that_is_exact():
     cpu = torch.device("cpu")
     plain = PartProtocol(flush_caches=False)
-    assert plain.timer(cpu, 1) is table_mod.thread_cpu_timer
-    assert plain.timer(cpu, 2) is table_mod.cpu_timer
-    assert PartProtocol(flush_caches=False, clock="wall").timer(cpu, 1) is table_mod.cpu_timer
+    assert plain.timer(cpu, 1) is measure_mod.thread_cpu_timer
+    assert plain.timer(cpu, 2) is measure_mod.cpu_timer
+    assert PartProtocol(flush_caches=False, clock="wall").timer(cpu, 1) is measure_mod.cpu_timer
     with pytest.raises(searchspace.MixerNASError, match="clock"):
         PartProtocol(clock="sundial").timer(cpu, 1)
 

@@ -21,28 +21,31 @@ from .measure import (
     InputSpec,
     LatencyContext,
     LatencyResult,
-    MeasurementError,
-    Summary,
-    calibrate_runs,
+    clock_for,
     cpu_timer,
     cuda_timer,
     device_name,
     measure_latency,
     measure_many,
-    median_interval,
     num_threads,
     reference_for,
-    relative_spread,
     resolve_device,
-    robust_latency,
     run_rounds,
-    summarize,
     thread_cpu_timer,
     warm_until_steady,
 )
 from .parts import BlockPart, DownsamplePart, HeadPart, StemPart, arch_parts, stage_resolutions
 from .predictor import Accuracy, Calibration, Features, fit_calibration
 from .reference import Anchor, Reference
+from .stats import (
+    MeasurementError,
+    Summary,
+    calibrate_runs,
+    median_interval,
+    relative_spread,
+    robust_latency,
+    summarize,
+)
 from .storage import TableKey
 from .table import LatencyTable, PartProtocol, Prediction
 
@@ -52,6 +55,7 @@ __all__ = [
     "Anchor",
     "Features",
     "Reference",
+    "clock_for",
     "fit_calibration",
     "median_interval",
     "reference_for",

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from .. import cli
 from ..errors import MixerNASError
 from .counting import count_params_macs
-from .measure import DTYPES, InputSpec, measure_latency
+from .measure import DTYPES, InputSpec, clock_for, measure_latency, thread_cpu_timer
 from .table import CALIBRATION_MODELS
 
 DESCRIPTION = """\
@@ -116,14 +116,9 @@ def run(args: argparse.Namespace) -> int:
     arch = resolve_arch(args.arch)
     if isinstance(args.num_classes, bool) or args.num_classes < 0:
         raise MixerNASError(f"--num-classes must be >= 0, got {args.num_classes}")
-    timer = None
-    one_cpu_thread = args.threads == 1 and args.device == "cpu"
-    if args.clock == "thread" and not one_cpu_thread:
+    if args.clock == "thread" and not (args.threads == 1 and args.device == "cpu"):
         raise MixerNASError("--clock thread measures one CPU thread; add --threads 1 (and --device cpu)")
-    if args.clock == "thread" or (args.clock == "auto" and one_cpu_thread):
-        from .measure import thread_cpu_timer
-
-        timer = thread_cpu_timer
+    timer = clock_for(args.device, args.threads, args.clock)
     model = build_model(arch, num_classes=args.num_classes, in_chans=args.channels)
     table = None
     reference: object = False if args.no_reference else "auto"
@@ -157,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"{arch.name or args.arch}: {arch.summary()}")
     print(f"measured    {result.describe()}")
-    clock = ", thread CPU time" if timer is not None else ""
+    clock = ", thread CPU time" if timer is thread_cpu_timer else ""
     print(f"context     {result.context}{clock}")
     print(f"params      {_si(counts.params)}  ({counts.params:,})")
     print(f"MACs        {_si(counts.macs)}  ({counts.macs:,}, counted by {counts.counter})")

@@ -45,9 +45,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import MixerNASError
 from . import reference as _reference
 from .budget import format_ms
+from .stats import (  # the pure statistics of the rounds
+    CONFIDENCE,
+    MIN_ROUNDS_FOR_INTERVAL,
+    MeasurementError,
+    Summary,
+    _relative_half_width,
+    calibrate_runs,
+    chunk_size,
+    summarize,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 LAYOUTS = {
@@ -59,13 +68,6 @@ LAYOUTS = {
 # A timer runs ``fn`` once and returns how long it took in milliseconds. Injectable, so the measuring loop can be
 # tested with scripted timings instead of a real clock.
 Timer = Callable[[Callable[[], Any]], float]
-
-MIN_RUNS_PER_ROUND = 3  # a median of fewer runs is itself noisy; rounds are short, their number gives precision
-MAX_RUNS_PER_ROUND = 1000  # tiny workloads (an identity mixer) would otherwise ask for millions
-
-
-class MeasurementError(MixerNASError, ValueError):
-    """A measurement that cannot be made as asked (device, input spec, options)."""
 
 
 @dataclass(frozen=True)
@@ -131,24 +133,6 @@ class LatencyContext:
 
 
 @dataclass(frozen=True)
-class Summary:
-    """The statistic of a set of rounds (see :func:`summarize`), in milliseconds."""
-
-    value_ms: float  # median over rounds (of the reference-corrected round ratios when there is a reference)
-    spread: float  # (median - lowest) / lowest of the same per-round values
-    round_medians_ms: tuple[float, ...]  # the per-round values, in the order measured
-    runs: int  # timed runs over all rounds
-    ci_low_ms: float = math.nan  # the value's confidence interval (order statistics, CONFIDENCE)
-    ci_high_ms: float = math.nan
-    raw_ms: float = math.nan  # median of the plain round medians, before any correction
-
-    @property
-    def precision(self) -> float:
-        """Relative half-width of the interval: 0.01 means the value is known to +-1%."""
-        return _relative_half_width(self.value_ms, self.ci_low_ms, self.ci_high_ms)
-
-
-@dataclass(frozen=True)
 class LatencyResult:
     """A measured latency with its interval and context. ``str(result)`` is one readable line."""
 
@@ -198,108 +182,6 @@ class LatencyResult:
         return f"{self.describe()} on {self.context}"
 
 
-# ------------------------------------------------------------------------------------------ the statistic (pure)
-
-
-def _finite_timings(values: Sequence[float], what: str) -> list[float]:
-    values = [float(v) for v in values]
-    if not values:
-        raise MeasurementError(f"no {what} to summarise")
-    if any(not math.isfinite(v) or v < 0 for v in values):
-        raise MeasurementError(f"{what} must be finite and >= 0, got {values}")
-    return values
-
-
-def robust_latency(round_medians: Sequence[float]) -> float:
-    """The lowest round median: the statistic before the reference correction, kept for comparisons. It is not
-    what results report: it picks the luckiest round, and moved 13-20% between measurements of the same models
-    under load where the median moved 10-12% (the corrected median: 1-3%).
-
-    >>> robust_latency([2.05, 61.0, 2.0, 2.1])
-    2.0
-    """
-    return min(_finite_timings(round_medians, "round medians"))
-
-
-def relative_spread(round_medians: Sequence[float]) -> float:
-    """``(median - lowest) / lowest`` of the round medians: how much slower a typical round was than the best one.
-
-    >>> round(relative_spread([2.0, 2.1, 60.0]), 3)
-    0.05
-    """
-    values = _finite_timings(round_medians, "round medians")
-    best, typical = min(values), statistics.median(values)
-    if typical == best:
-        return 0.0
-    return (typical - best) / best if best > 0 else math.inf
-
-
-CONFIDENCE = 0.95
-MIN_ROUNDS_FOR_INTERVAL = 6  # fewer rounds than this have no 95% order-statistics interval: never "converged"
-
-
-def _relative_half_width(value: float, low: float, high: float) -> float:
-    half = max(value - low, high - value)
-    if value > 0:
-        return half / value
-    return 0.0 if half == 0 else math.inf  # a clock too coarse to see the work: 0 +- 0
-
-
-def median_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """Distribution-free confidence interval of the median of ``values``, from their order statistics.
-
-    The ``k``-th smallest and ``k``-th largest values bound the median with probability
-    ``1 - 2 P(Binomial(n, 1/2) < k)``; ``k`` is the largest that keeps that at least ``confidence``. Below six
-    values no such ``k`` exists at 95% and the interval is the range.
-
-    >>> median_interval([5.0, 1.0, 4.0, 2.0, 3.0, 6.0, 7.0, 8.0, 9.0, 10.0])
-    (2.0, 9.0)
-    """
-    ordered = sorted(_finite_timings(values, "values"))
-    n = len(ordered)
-    tail, k = 0.0, 0  # tail = P(Binomial(n, 1/2) <= k - 1)
-    while k < n // 2:
-        nxt = tail + math.comb(n, k) / 2.0 ** n
-        if 2 * nxt > 1 - confidence:
-            break
-        tail, k = nxt, k + 1
-    k = max(k, 1)
-    return ordered[k - 1], ordered[n - k]
-
-
-def summarize(timings_per_round: Sequence[Sequence[float]],
-              reference_rounds: Sequence[Sequence[float]] | None = None, anchor_ms: float | None = None) -> Summary:
-    """One value per round; then the median over rounds, its interval and spread.
-
-    Without a reference a round's value is the median of its runs. With ``reference_rounds`` (the reference's
-    timings in the same rounds) and its ``anchor_ms``, it is the *mean* of the round's runs divided by the mean
-    of the reference runs among them, times the anchor: the runs of a round are paired within milliseconds, and
-    the means use every run where a median of three keeps one. Measured here (PoolFormerV2-S12 and
-    IdentityFormer-S12 at 32x32, 160 rounds cut into blocks), block estimates scattered 30-45% less than with
-    the ratio of round medians (sd 0.42% against 0.66% for blocks of 32 rounds). A round a stray slow run spoils
-    is one round: the median over rounds leaves it out.
-
-    >>> s = summarize([[2.0, 2.1, 2.0], [60.0, 61.0, 59.0], [2.1, 2.0, 2.2]])
-    >>> s.value_ms, s.runs
-    (2.1, 9)
-    >>> summarize([[2.0], [4.0]], reference_rounds=[[1.0], [2.0]], anchor_ms=1.0).value_ms  # the machine halved
-    2.0
-    """
-    timings = [_finite_timings(r, "timings") for r in timings_per_round]
-    medians = [statistics.median(r) for r in timings]
-    raw = statistics.median(medians)
-    values = medians
-    if reference_rounds is not None:
-        ref = [statistics.fmean(_finite_timings(r, "reference timings")) for r in reference_rounds]
-        if len(ref) != len(medians) or anchor_ms is None or any(v <= 0 for v in ref):
-            raise MeasurementError("a reference correction needs positive reference timings for every round and "
-                                   "an anchor")
-        values = [statistics.fmean(t) / r * anchor_ms for t, r in zip(timings, ref)]
-    low, high = median_interval(values)
-    return Summary(statistics.median(values), relative_spread(values), tuple(values),
-                   sum(len(r) for r in timings_per_round), low, high, raw)
-
-
 # ------------------------------------------------------------------------------ the measuring loop (clock injected)
 
 
@@ -330,16 +212,24 @@ def thread_cpu_timer(fn: Callable[[], Any]) -> float:
     return (time.thread_time_ns() - start) / 1e6
 
 
-def calibrate_runs(warmup_ms: Sequence[float], target_round_ms: float) -> int:
-    """Runs per round so that a round lasts about ``target_round_ms``, from the later half of the warm-up timings.
+CLOCKS = ("auto", "thread", "wall")
 
-    >>> calibrate_runs([9.0, 2.0, 2.0, 2.0], target_round_ms=100.0)
-    50
+
+def clock_for(device: torch.device | str, threads: int | None, clock: str = "auto") -> Timer | None:
+    """The timer a measurement on ``device`` with ``threads`` torch threads uses; the one place that decides it.
+
+    ``"auto"`` (what the search, the table and the CLI use): the measuring thread's CPU time
+    (:func:`thread_cpu_timer`) with one CPU thread, where it is exact and leaves out the time other processes
+    take; else the wall clock. ``"thread"`` or ``"wall"`` force one. On a GPU: None (CUDA events).
+
+    >>> clock_for("cpu", 1) is thread_cpu_timer, clock_for("cpu", 2) is cpu_timer
+    (True, True)
     """
-    later = list(warmup_ms)[len(warmup_ms) // 2:]
-    typical = statistics.median(_finite_timings(later, "warm-up timings"))
-    runs = math.ceil(target_round_ms / typical) if typical > 0 else MAX_RUNS_PER_ROUND
-    return max(MIN_RUNS_PER_ROUND, min(MAX_RUNS_PER_ROUND, runs))
+    if clock not in CLOCKS:
+        raise MeasurementError(f"unknown clock {clock!r}; use one of {', '.join(CLOCKS)}")
+    if resolve_device(device).type != "cpu":
+        return None
+    return thread_cpu_timer if clock == "thread" or (clock == "auto" and threads == 1) else cpu_timer
 
 
 @contextlib.contextmanager
@@ -411,15 +301,6 @@ def run_paired_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence
     """
     return _rounds(fns, runs_per_round, reference, rounds=rounds, max_extra_rounds=max_extra_rounds, timer=timer,
                    done=done, chunks=chunks)
-
-
-def chunk_size(fn_ms: float, reference_ms: float) -> int:
-    """Runs of a fn taking ``fn_ms`` between two reference runs: about as long as one reference run.
-
-    >>> chunk_size(0.05, 3.0), chunk_size(13.0, 3.0)
-    (60, 1)
-    """
-    return max(1, min(MAX_RUNS_PER_ROUND, round(reference_ms / fn_ms))) if fn_ms > 0 else MAX_RUNS_PER_ROUND
 
 
 def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, done, chunks=None):

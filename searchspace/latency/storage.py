@@ -19,7 +19,9 @@ from .measure import InputSpec, MeasurementError, device_name, resolve_device
 from .parts import Part, part_from_dict, part_to_dict
 from .predictor import IDENTITY, Calibration
 
-TABLE_FORMAT = 5  # bump when the file layout or the meaning of an entry changes; older files are then ignored
+# Bump when the file layout or the meaning of an entry changes; older files are then ignored.
+# 6: parts timed on the thread clock are stored as measured, not corrected by the reference.
+TABLE_FORMAT = 6
 MAX_OBSERVATIONS = 400  # whole-model measurements kept for the calibration (the newest)
 
 

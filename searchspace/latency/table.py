@@ -1,9 +1,11 @@
 """A per-device lookup table of part latencies that predicts an architecture's latency without building it.
 
 What is measured: every part a backbone is assembled from (:mod:`.parts`: stem, blocks, downsampling layers,
-head), built alone and timed on its own input, in batches of interleaved rounds with the reference workload in
-the same rounds (:mod:`.reference`), so every entry is in this machine's anchored unit whatever the machine was
-doing. With one thread on the CPU the clock is the measuring thread's CPU time (:class:`PartProtocol`).
+head), built alone and timed on its own input, in batches of interleaved rounds. With one thread on the CPU the
+clock is the measuring thread's CPU time, which leaves out other processes, and a part's time is taken as it is;
+on the wall clock it is corrected by the reference workload timed in the same rounds (:class:`PartProtocol`).
+Whole models are always corrected by the reference on the CPU (:mod:`.reference`), so the calibration relates
+the parts to whole models in this machine's anchored unit whatever the machine was doing.
 
 The prediction is not the plain sum: :mod:`.predictor` fits, on whole models measured for real, the form of
 the sum, the part count and the weights that predicts best held out. A table calibrates itself the first time
@@ -41,12 +43,12 @@ from ..model import build_model
 from ..space import SearchSpace, get_space
 from . import reference as _reference
 from .cache import latency_dir, locked
-from .measure import (  # thread_cpu_timer is also imported from here by the benches
+from .measure import (
     DEFAULT_INPUT,
     InputSpec,
     MeasurementError,
+    clock_for,
     clock_name,
-    cpu_timer,
     measure_many,
     reference_for,
     reference_key,
@@ -81,10 +83,8 @@ MeasureParts = Callable[[Sequence[nn.Module], Sequence[InputSpec]], Sequence[flo
 # measure_models(archs) -> milliseconds per whole model, likewise injectable.
 MeasureModels = Callable[[Sequence[Arch]], Sequence[float]]
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-# Whole models measured when a table is first opened for a search. 16 lets the four-coefficient forms compete
-# (predictor.min_models): on 40 measured models per size (Xeon, 1 thread), the 'lead_blocks' form fitted on 16
-# predicted the other 24 with Kendall tau 0.941 at 32x32 and 0.950 at 64x64, where 'per_part+weights' fitted on
-# 10 gave 0.926 and 0.938. It costs about 25 s more at 32x32, once per device and input.
+# Whole models measured when a table is first opened for a search: 16, so that the four-coefficient forms may
+# compete (predictor.min_models); README.md gives what that gained over 10 on this kind of machine.
 CALIBRATION_MODELS = 16
 
 
@@ -131,7 +131,7 @@ class PartProtocol:
     state a part meets inside a model, on a clock that ignores other processes where that is exact."""
 
     warmup: int = 3  # untimed runs per part at least (warm-up goes on until steady; also sizes the rounds)
-    rounds: int = 6  # rounds per part before the interval is checked (statistic: median, reference-corrected)
+    rounds: int = 6  # rounds per part before the interval is checked (statistic: median over rounds)
     target_round_ms: float = 10.0  # each part's round lasts about this long (at least 3 runs)
     tolerance: float = 0.03  # the 95% interval of each part within +-3%, else ...
     max_extra_rounds: int = 10  # ... up to this many more rounds of the whole batch
@@ -145,18 +145,27 @@ class PartProtocol:
     # hold the core; exact for one thread, so used only when threads == 1 on the CPU. "wall": the wall clock.
     # "auto": "thread" where it is exact, else "wall".
     clock: str = "auto"
-    # Time the reference workload in every batch's rounds and correct by it (:mod:`.reference`), CPU only.
-    reference: bool = True
+    # The reference workload timed in the same rounds (:mod:`.reference`), CPU only. "auto": whole models are
+    # corrected by it, parts only on the wall clock; True: parts always; False: nothing is corrected.
+    # On the thread clock a part's raw time is the steadier one:
+    # a part keeps its data in the core's caches while the reference streams megabytes of weights, so when the
+    # machine slows on the memory side (another process, a neighbour on the host) the reference slows, the part
+    # does not, and the correction would move the part (README.md gives the measurement). Whole models stream
+    # their weights like the reference, and the correction takes out most of the machine's drift from them.
+    reference: bool | str = "auto"
+
+    def corrects_parts(self, device: torch.device, threads: int) -> bool:
+        """Whether part timings are divided by the reference (see ``reference``)."""
+        if self.reference not in (True, False, "auto"):
+            raise MeasurementError(f"PartProtocol.reference must be True, False or 'auto', got {self.reference!r}")
+        if device.type != "cpu" or self.reference is False:
+            return False
+        return self.reference is True or clock_for(device, threads, self.clock) is not thread_cpu_timer
 
     def timer(self, device: torch.device, threads: int) -> Callable[[Callable[[], Any]], float] | None:
         """The timer for :func:`measure_many`; None = its default (wall clock on CPU, CUDA events on a GPU)."""
-        if self.clock not in ("auto", "thread", "wall"):
-            raise MeasurementError(f"PartProtocol.clock must be 'auto', 'thread' or 'wall', got {self.clock!r}")
-        if device.type != "cpu":
-            return None
-        thread_clock = self.clock == "thread" or (self.clock == "auto" and threads == 1)
-        clock = thread_cpu_timer if thread_clock else cpu_timer
-        if not self.flush_caches:
+        clock = clock_for(device, threads, self.clock)
+        if clock is None or not self.flush_caches:
             return clock
         flush = _cache_flusher()
         return lambda fn: (flush(), clock(fn))[1]
@@ -374,21 +383,23 @@ class LatencyTable:
                 bar.update(len(batch))
 
     def reference(self) -> _reference.Reference | None:
-        """The reference workload this table's CPU measurements are corrected by (None on a GPU or when the
-        protocol turns it off); its anchor is measured on first use (a few seconds) and cached."""
-        if self._reference is None and self.protocol.reference and resolve_device(self.device).type == "cpu":
+        """The reference workload this table's whole-model CPU measurements are corrected by (None on a GPU or when
+        the protocol turns it off), and its parts' where the protocol says so; its anchor is measured on first use
+        (a few seconds) and cached."""
+        on_cpu = resolve_device(self.device).type == "cpu"
+        if self._reference is None and self.protocol.reference is not False and on_cpu:
             self._reference = reference_for(self.device, self.key.input_spec, self.key.threads,
                                             timer=self.protocol.timer(torch.device("cpu"), self.key.threads),
                                             cache_dir=None if self.cache_dir is None else str(self.cache_dir))
         return self._reference
 
     def _measure_parts(self, modules: Sequence[nn.Module], specs: Sequence[InputSpec]) -> list[float]:
-        p = self.protocol
-        timer = p.timer(resolve_device(self.device), self.key.threads)
+        p, dev = self.protocol, resolve_device(self.device)
+        timer = p.timer(dev, self.key.threads)
+        reference = (self.reference() or False) if p.corrects_parts(dev, self.key.threads) else False
         results = measure_many(modules, specs, device=self.device, threads=self.key.threads, warmup=p.warmup,
                                rounds=p.rounds, target_round_ms=p.target_round_ms, tolerance=p.tolerance,
-                               max_extra_rounds=p.max_extra_rounds, timer=timer,
-                               reference=self.reference() or False)
+                               max_extra_rounds=p.max_extra_rounds, timer=timer, reference=reference)
         return [r.value_ms for r in results]
 
     def _measure_whole(self, archs: Sequence[Arch]) -> list[float]:

@@ -80,11 +80,9 @@ class CandidateRunner:
     @property
     def timer(self):
         """With one CPU thread, time the measuring thread's CPU time: time other processes take is left out."""
-        if self.device == "cpu" and self.threads == 1:
-            from ..latency.measure import thread_cpu_timer
+        from ..latency.measure import clock_for
 
-            return thread_cpu_timer
-        return None
+        return clock_for(self.device, self.threads)
 
     def measure(self, model: torch.nn.Module):
         """A robust measurement of a candidate (reference-corrected on the CPU, to +-2% where the machine allows);
