@@ -923,21 +923,74 @@ def test_sample_archs_draws_distinct_architectures_reproducibly():
 ])
 def test_parts_on_the_thread_clock_are_taken_as_measured_and_whole_models_are_corrected(
         tmp_path, monkeypatch, protocol, threads, parts_corrected, models_corrected):
-    given = []  # (what was measured, the reference it was corrected by)
+    given = []  # (what was measured, the reference it was timed beside)
 
     def fake_measure_many(models, input_spec, **kwargs):
-        given.append(("models" if isinstance(input_spec, InputSpec) else "parts", kwargs["reference"]))
-        return [SimpleNamespace(value_ms=1.0) for _ in models]
+        ref = kwargs["reference"]
+        given.append(("models" if isinstance(input_spec, InputSpec) else "parts", ref))
+        # what measure_many answers: the corrected value, the clock's own median and the machine's drift
+        return [SimpleNamespace(value_ms=2.0 if ref else 1.0, raw_ms=1.0, drift=1.0 if ref else None)
+                for _ in models]
 
     monkeypatch.setattr(table_mod, "measure_many", fake_measure_many)
     monkeypatch.setattr(table_mod, "reference_for", lambda *a, **k: ANCHOR)
     table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=threads,
                               cache_dir=tmp_path, num_classes=10, protocol=protocol)
-    table.calibrate(distinct_tiny(2, seed=13), progress=False)
+    arch = distinct_tiny(1, seed=13)[0]
+    table.calibrate([arch], progress=False)
     kinds = {kind: ref for kind, ref in given}
     assert set(kinds) == {"parts", "models"}
-    assert kinds["parts"] is (ANCHOR if parts_corrected else False)
+    # parts are timed beside the reference whenever there is one (it tells the machine's state) ...
+    assert kinds["parts"] is (False if protocol.reference is False else ANCHOR)
+    # ... and divided by it only where they are corrected
+    assert {table.get(u.part) for u in table.parts(arch)} == {2.0 if parts_corrected else 1.0}
     assert kinds["models"] is (ANCHOR if models_corrected else False)
+    assert table.observations[0].ms == (2.0 if models_corrected else 1.0)
+
+
+def scripted_part_batches(monkeypatch, drifts):
+    """measure_many for parts answering batch after batch with the reference's drift from ``drifts`` and the
+    parts' raw time equal to it (a busy machine makes them slower); counts the attempts."""
+    attempts = []
+
+    def fake_measure_many(models, input_spec, **kwargs):
+        if isinstance(input_spec, InputSpec):  # whole models: not what this is about
+            return [SimpleNamespace(value_ms=1.0, raw_ms=1.0, drift=1.0) for _ in models]
+        drift = drifts[len(attempts)]
+        attempts.append(drift)
+        return [SimpleNamespace(value_ms=1.0, raw_ms=drift, drift=drift) for _ in models]
+
+    monkeypatch.setattr(table_mod, "measure_many", fake_measure_many)
+    monkeypatch.setattr(table_mod, "reference_for", lambda *a, **k: ANCHOR)
+    return attempts
+
+
+@pytest.mark.parametrize("drifts, kept, tries", [
+    ([1.1], 1.1, 1),  # calm: measured once
+    ([2.0, 1.6, 1.05], 1.05, 3),  # busy, busy, calm: measured again until calm
+    ([2.0, 1.9, 1.7, 1.8, 1.0], 1.7, 4),  # busy every time: the calmest of 1 + busy_retries attempts is kept
+])
+def test_a_batch_of_parts_measured_while_the_machine_is_busy_is_measured_again(tmp_path, monkeypatch, drifts,
+                                                                                 kept, tries):
+    attempts = scripted_part_batches(monkeypatch, drifts)
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=1, cache_dir=tmp_path,
+                              num_classes=10, protocol=PartProtocol(batch=1000))
+    arch = distinct_tiny(1, seed=13)[0]
+    table.ensure([arch], progress=False)
+    assert len(attempts) == tries
+    assert {table.get(u.part) for u in table.parts(arch)} == {kept}
+
+
+def test_busy_means_slower_than_the_calmest_batch_so_far(tmp_path, monkeypatch):
+    # the anchor was measured while the machine was busy: calm batches read 0.5, and 0.9 is busy beside them
+    attempts = scripted_part_batches(monkeypatch, [0.5, 0.9, 0.55] + [0.5] * 50)
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=1, cache_dir=tmp_path,
+                              num_classes=10, protocol=PartProtocol(batch=2))
+    arch = distinct_tiny(1, seed=13)[0]
+    batches = math.ceil(len({u.part for u in table.parts(arch)}) / 2)
+    table.ensure([arch], progress=False)
+    assert batches >= 2 and len(attempts) == batches + 1  # the second batch was measured twice
+    assert sorted(table.entries.values())[-1] == 0.55  # and its calmer attempt kept
 
 
 def test_real_measurement_of_a_few_parts_is_positive(tmp_path):
