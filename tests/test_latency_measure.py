@@ -186,6 +186,18 @@ def test_a_corrected_round_uses_the_mean_of_its_runs_and_a_spoilt_round_is_left_
     assert summarize([[2.0, 2.0]], [[1.0, 1.2]], anchor_ms=1.0).value_ms == pytest.approx(2.0 / 1.1)
 
 
+def test_calm_rounds_are_those_whose_reference_ran_within_a_quarter_of_the_calmest():
+    from searchspace.latency.stats import BUSY_MARGIN, calm_rounds
+
+    assert BUSY_MARGIN == 0.25
+    refs = [[2.0, 2.2], [4.0, 4.1], [2.5], [2.0], [2.55, 2.55]]  # round means 2.1, 4.05, 2.5, 2.0, 2.55
+    assert calm_rounds(refs) == [0, 2, 3]  # 2.5 <= 1.25 x 2.0 < 2.55
+    assert calm_rounds(refs, margin=1.5) == [0, 1, 2, 3, 4]
+    assert calm_rounds([[3.0]] * 4) == [0, 1, 2, 3]  # a steady machine keeps every round
+    with pytest.raises(MeasurementError, match="reference timings"):
+        calm_rounds([[1.0], [math.nan]])
+
+
 def test_reference_correction_needs_a_positive_reference_round_for_every_round_and_an_anchor():
     rounds = [[2.0], [2.0]]
     for ref, anchor in (([[1.0]], 1.0), ([[1.0], [1.0]], None), ([[1.0], [0.0]], 1.0)):
@@ -591,9 +603,12 @@ def test_a_machine_that_slows_half_way_gives_the_ratio_times_the_anchor(tagged_r
     slowed = measure(Machine(ms, slow_after=half_way), tagged_ref(anchor_ms=anchor_ms))
     steady = measure(Machine(ms), tagged_ref(anchor_ms=anchor_ms))
     assert slowed.value_ms == steady.value_ms == 3.0 * anchor_ms
-    assert slowed.ci_low_ms == slowed.ci_high_ms == 3.0 * anchor_ms and slowed.converged
-    assert steady.raw_ms == 3.0 and slowed.raw_ms > 3.0  # the clock saw the slowdown
-    assert steady.drift == pytest.approx(1.0 / anchor_ms) and slowed.drift > steady.drift
+    assert slowed.ci_low_ms == slowed.ci_high_ms == 3.0 * anchor_ms and steady.converged
+    # the slow rounds are left out as busy: 5 calm rounds are too few for a 95% interval, and it says so
+    assert slowed.busy_rounds == rounds - slowed.rounds == 5 and steady.busy_rounds == 0
+    assert not slowed.converged and "5 busy rounds left out" in str(slowed)
+    assert steady.raw_ms == slowed.raw_ms == 3.0  # what the clock said in the calm rounds
+    assert steady.drift == pytest.approx(1.0 / anchor_ms) == slowed.drift  # the machine's speed in calm rounds
     assert "reference-corrected (machine at 0.40x its anchor)" in str(steady)
     plain = measure(Machine(ms, slow_after=half_way), False)  # the same machine without the reference
     assert plain.value_ms > 3.0 and (plain.ci_low_ms, plain.ci_high_ms) == (3.0, 6.0) and not plain.converged

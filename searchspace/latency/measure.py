@@ -54,6 +54,7 @@ from .stats import (  # the pure statistics of the rounds
     Summary,
     _relative_half_width,
     calibrate_runs,
+    calm_rounds,
     chunk_size,
     summarize,
 )
@@ -149,7 +150,8 @@ class LatencyResult:
     tolerance: float = 0.0  # the relative half-width asked for
     raw_ms: float = math.nan  # median of the plain round medians (what the clock said, uncorrected)
     anchor_ms: float | None = None  # the reference's anchor on this machine (None: no reference)
-    drift: float | None = None  # reference's median in these rounds / its anchor (1.10 = machine 10% slow)
+    drift: float | None = None  # reference's median in the calm rounds / its anchor (1.10 = machine 10% slow)
+    busy_rounds: int = 0  # rounds left out because the reference showed a busy machine (stats.calm_rounds)
 
     @property
     def rounds(self) -> int:
@@ -173,6 +175,8 @@ class LatencyResult:
         """The value with its interval and how it was obtained, without the context."""
         again = "" if self.converged else f", wider than the +-{self.tolerance:.1%} asked for"
         ref = f", reference-corrected (machine at {self.drift:.2f}x its anchor)" if self.drift is not None else ""
+        if self.busy_rounds:
+            ref += f"; {self.busy_rounds} busy round{'s' if self.busy_rounds != 1 else ''} left out"
         runs = f"{self.runs_per_round} run{'s' if self.runs_per_round != 1 else ''}"
         return (f"{format_ms(self.value_ms)} +-{self.precision:.1%} ({CONFIDENCE:.0%} interval "
                 f"{format_ms(self.ci_low_ms)} to {format_ms(self.ci_high_ms)}{again}; {self.rounds} rounds of "
@@ -609,18 +613,26 @@ def measure_many(
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
 
+        def calm(t: list[list[list[float]]], r: list[list[list[float]]]) -> list[tuple[list, list | None]]:
+            """Each model's rounds in which the machine was calm (all of them without a reference)."""
+            if ref is None:
+                return [(rows, None) for rows in t]
+            keep = [calm_rounds(refs) for refs in r]
+            return [([rows[k] for k in ks], [refs[k] for k in ks]) for rows, refs, ks in zip(t, r, keep)]
+
         def summaries_of(t: list[list[list[float]]], r: list[list[list[float]]]) -> list[Summary]:
             if ref is None:
                 return [summarize(rows) for rows in t]
-            return [summarize(rows, refs, ref.anchor.ms) for rows, refs in zip(t, r)]
+            return [summarize(rows, refs, ref.anchor.ms) for rows, refs in calm(t, r)]
 
         def done(t: list[list[list[float]]], r: list[list[list[float]]]) -> bool:
-            return len(t[0]) >= MIN_ROUNDS_FOR_INTERVAL and all(x.precision <= tolerance for x in summaries_of(t, r))
+            return (min(len(rows) for rows, _ in calm(t, r)) >= MIN_ROUNDS_FOR_INTERVAL
+                    and all(x.precision <= tolerance for x in summaries_of(t, r)))
 
         timings, paired = _rounds(fns, per_round, ref_fn, rounds=rounds, max_extra_rounds=max_extra_rounds,
                                   timer=timer, done=done, chunks=chunks or None)
         summaries = summaries_of(timings, paired)
-        enough = len(timings[0]) >= MIN_ROUNDS_FOR_INTERVAL
+        kept = calm(timings, paired)
 
     context = dict(device=str(dev), device_name=device_name(dev), threads=threads_used,
                    torch_version=torch.__version__.split("+")[0])
@@ -628,17 +640,19 @@ def measure_many(
                                           ("autocast", autocast), ("cuda_graphs", cuda_graphs),
                                           (STEADY_ALLOCATOR, steady), (REFERENCE_OPTION, ref is not None)) if on)
     drift = None
-    if ref is not None:
-        drift = statistics.median(t for rows in paired for r in rows for t in r) / ref.anchor.ms
+    if ref is not None:  # over the calm rounds: the machine's speed where the values come from
+        drift = statistics.median(t for _, refs in kept for r in refs for t in r) / ref.anchor.ms
     results = []
-    for spec, rounds_of_model, n, summary in zip(specs, timings, per_round, summaries):
+    for spec, rounds_of_model, (calm_of_model, _), n, summary in zip(specs, timings, kept, per_round, summaries):
         ctx = LatencyContext(batch=spec.batch, input_shape=spec.shape, layout=spec.layout, dtype=spec.dtype,
                              options=options, **context)
+        enough = len(calm_of_model) >= MIN_ROUNDS_FOR_INTERVAL
         results.append(LatencyResult(
             summary.value_ms, summary.spread, summary.round_medians_ms, summary.runs, n,
             remeasured=len(rounds_of_model) > rounds, context=ctx, ci_low_ms=summary.ci_low_ms,
             ci_high_ms=summary.ci_high_ms, converged=enough and summary.precision <= tolerance, tolerance=tolerance,
-            raw_ms=summary.raw_ms, anchor_ms=ref.anchor.ms if ref is not None else None, drift=drift))
+            raw_ms=summary.raw_ms, anchor_ms=ref.anchor.ms if ref is not None else None, drift=drift,
+            busy_rounds=len(rounds_of_model) - len(calm_of_model)))
     return results
 
 

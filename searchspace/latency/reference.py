@@ -10,9 +10,12 @@ keeping the median of the per-round ratios took that to 2-3.5% with 30 rounds of
 
 So a CPU latency is ``median over rounds of (model round median / reference round median) x anchor``, where the
 *anchor* is the reference's latency on this machine, measured once at length and kept in the cache folder per
-(CPU model, threads, torch version, input). Every figure on this machine is then in the same unit, whatever the
-machine was doing while it was taken: two measurements of the same model agree, and a table built on a busy
-afternoon predicts a model measured at night. The anchor's own uncertainty is stated with it.
+(CPU model, threads, torch version, input). Every whole-model figure on this machine is then in the same unit,
+whatever the machine was doing while it was taken. The anchor's own uncertainty is stated with it.
+
+What it does not correct: work that keeps its data in the core's caches. The latency table's parts are small,
+and when the machine slows on the memory side the reference slows and they do not; on the thread clock they are
+taken as measured, and the reference beside them only tells whether the machine was busy (``PartProtocol``).
 
 The reference is a small MetaFormer of the default space's kinds (separable conv, pooling, modulation, attention)
 at the measured input size, so it leans on the machine the way the candidates do.

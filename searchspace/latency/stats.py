@@ -159,3 +159,24 @@ def chunk_size(fn_ms: float, reference_ms: float) -> int:
     (60, 1)
     """
     return max(1, min(MAX_RUNS_PER_ROUND, round(reference_ms / fn_ms))) if fn_ms > 0 else MAX_RUNS_PER_ROUND
+
+
+BUSY_MARGIN = 0.25  # a round whose reference ran this much slower than in the calmest round was a busy machine
+
+
+def calm_rounds(reference_rounds: Sequence[Sequence[float]], margin: float = BUSY_MARGIN) -> list[int]:
+    """Indices of the rounds in which the machine was calm: the mean reference run of the round is within
+    ``margin`` of the calmest round's.
+
+    The reference divides out a machine that slows as a whole, not one that slows on the memory side only (another
+    process, a neighbour on the host): then the reference, which streams megabytes of weights, slows more than a
+    model that keeps more of its data in cache, and their ratio moves. Such rounds are left out; the reference
+    running 25% slower than in the calmest round marks them.
+
+    >>> calm_rounds([[1.0, 1.1], [2.0, 2.1], [1.2], [1.0]])
+    [0, 2, 3]
+    """
+    means = [statistics.fmean(_finite_timings(r, "reference timings")) for r in reference_rounds]
+    calmest = min(means)
+    return [i for i, m in enumerate(means) if m <= (1 + margin) * calmest]
+
