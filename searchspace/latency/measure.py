@@ -11,9 +11,12 @@ The protocol, and why:
 * **A reference workload in the same rounds (CPU).** A fixed model (:mod:`.reference`) is timed among each
   model's runs, one reference run after every chunk of runs about as long as itself (:func:`run_paired_rounds`);
   the latency is the median of the per-round ratios model / reference (of their mean runs in the round, see
-  :func:`summarize`), times the reference's *anchor* (its
-  latency on this machine, measured once and cached). The machine's own drift, shared by both, divides out.
-* **The statistic and its interval.** The value is the median over rounds (of the corrected round medians);
+  :func:`summarize`), times the reference's *anchor* (its latency on this machine, measured once and cached).
+  The machine's own drift, shared by both, divides out.
+* **Busy rounds left out.** A round whose reference ran more than 25% slower than in the calmest round
+  (:func:`~.stats.calm_rounds`) was a machine slowed on the memory side, where the ratio moves too; it is left
+  out and counted (``busy_rounds``).
+* **The statistic and its interval.** The value is the median over the calm rounds (of the corrected values);
   its interval is the distribution-free confidence interval of a median from order statistics
   (:func:`median_interval`, 95%). Rounds are added, at most ``max_extra_rounds``, until the interval's
   half-width is within ``tolerance`` of the value; ``converged`` says whether it got there.

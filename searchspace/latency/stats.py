@@ -2,9 +2,9 @@
 
 A measurement (:mod:`.measure`) times a model in short rounds; here is what becomes of those timings: one value per
 round (the median of its runs, or with the reference workload the ratio of the round's mean run to the mean
-reference run, :func:`summarize`), the median over rounds and its distribution-free 95% interval
-(:func:`median_interval`), how many runs make a round (:func:`calibrate_runs`) and how many of a model's runs go
-between two reference runs (:func:`chunk_size`).
+reference run, :func:`summarize`), which rounds a busy machine spoilt (:func:`calm_rounds`), the median over
+rounds and its distribution-free 95% interval (:func:`median_interval`), how many runs make a round
+(:func:`calibrate_runs`) and how many of a model's runs go between two reference runs (:func:`chunk_size`).
 """
 
 from __future__ import annotations
