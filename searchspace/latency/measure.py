@@ -623,19 +623,18 @@ def measure_many(
             keep = [calm_rounds(refs) for refs in r]
             return [([rows[k] for k in ks], [refs[k] for k in ks]) for rows, refs, ks in zip(t, r, keep)]
 
-        def summaries_of(t: list[list[list[float]]], r: list[list[list[float]]]) -> list[Summary]:
-            if ref is None:
-                return [summarize(rows) for rows in t]
-            return [summarize(rows, refs, ref.anchor.ms) for rows, refs in calm(t, r)]
+        def summaries_of(kept: list[tuple[list, list | None]]) -> list[Summary]:
+            return [summarize(rows) if refs is None else summarize(rows, refs, ref.anchor.ms) for rows, refs in kept]
 
         def done(t: list[list[list[float]]], r: list[list[list[float]]]) -> bool:
-            return (min(len(rows) for rows, _ in calm(t, r)) >= MIN_ROUNDS_FOR_INTERVAL
-                    and all(x.precision <= tolerance for x in summaries_of(t, r)))
+            kept = calm(t, r)
+            return (min(len(rows) for rows, _ in kept) >= MIN_ROUNDS_FOR_INTERVAL
+                    and all(x.precision <= tolerance for x in summaries_of(kept)))
 
         timings, paired = _rounds(fns, per_round, ref_fn, rounds=rounds, max_extra_rounds=max_extra_rounds,
                                   timer=timer, done=done, chunks=chunks or None)
-        summaries = summaries_of(timings, paired)
         kept = calm(timings, paired)
+        summaries = summaries_of(kept)
 
     context = dict(device=str(dev), device_name=device_name(dev), threads=threads_used,
                    torch_version=torch.__version__.split("+")[0])

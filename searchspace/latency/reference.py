@@ -8,7 +8,7 @@ the cores share caches, memory bandwidth and, on a VM, the host. Timing a fixed 
 keeping the median of the per-round ratios took that to 2-3.5% with 30 rounds of 10 ms, 6-7% with 10 rounds of
 50 ms: the shorter the rounds, the closer in time the model and the reference run, the better the ratio cancels.
 
-So a CPU latency is ``median over rounds of (model round median / reference round median) x anchor``, where the
+So a CPU latency is ``median over rounds of (model's mean run / reference's mean run) x anchor``, where the
 *anchor* is the reference's latency on this machine, measured once at length and kept in the cache folder per
 (CPU model, threads, torch version, input). Every whole-model figure on this machine is then in the same unit,
 whatever the machine was doing while it was taken. The anchor's own uncertainty is stated with it.

@@ -76,6 +76,7 @@ from .predictor import (
     fit_calibration,
     holdout_predictions,
 )
+from .stats import BUSY_MARGIN
 from .storage import Observation, TableData, TableKey, read_table, table_key, write_table
 
 # measure(modules, input_specs) -> milliseconds per module. Injectable so tests count calls instead of timing.
@@ -146,7 +147,7 @@ class PartProtocol:
     # so far (or than its anchor) was measured while the machine was busy on the memory side, and is measured
     # again, at most ``busy_retries`` times; the calmest attempt is kept. On the thread clock a busy machine only
     # ever makes a part slower, and the slowdown differs from part to part, so no factor could take it out.
-    busy_margin: float = 0.25
+    busy_margin: float = BUSY_MARGIN
     busy_retries: int = 3
     # "thread": CPU time of the measuring thread (time.thread_time), which leaves out the time other processes
     # hold the core; exact for one thread, so used only when threads == 1 on the CPU. "wall": the wall clock.
