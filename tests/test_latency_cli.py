@@ -27,7 +27,7 @@ SMALL = ["IdentityFormer-S12", "--input-size", "32", "--channels", "1", "--threa
          "--max-extra-rounds", "2", "--warmup", "1", "--round-ms", "5", "--no-table"]
 MEASURED = re.compile(r"measured    \S+ \S+ \+-\d+\.\d% \(95% interval \S+ \S+ to \S+ \S+(, wider than the "
                       r"\+-\d+\.\d% asked for)?; \d+ rounds of \d+ runs(?P<ref>, reference-corrected \(machine at "
-                      r"\d+\.\d\dx its anchor\))?\)")
+                      r"\d+\.\d\dx its anchor\)(?P<busy>; \d+ busy rounds? left out)?)?\)")
 
 
 def line(out, label):
