@@ -81,9 +81,14 @@ def run_size(size: int, args) -> dict[str, float]:
           f"than +-2%; measuring them took {measure_s:.0f} s")
     print(f"ceiling:     the second measurement against the first: Kendall tau {repeat.tau:.3f}, "
           f"{repeat.within10:.0%} within +-10% (no predictor can rank better than the clock repeats itself)")
+    shifts = [abs(s - 1) for s in table.level_scales[1:]]
+    if shifts:
+        print(f"level:       {len(shifts)} batches of parts brought to the first batch's level by the yardsticks; "
+              f"median shift {statistics.median(shifts):.1%}, largest {max(shifts):.1%}")
     return {f"mape_{size}": acc.mape, f"within10_{size}": acc.within10, f"tau_{size}": acc.tau,
             f"noise_{size}": noise, f"repeat_tau_{size}": repeat.tau,
             f"plain_mape_{size}": plain.mape, f"calibrate_s_{size}": calibrate_s,
+            f"level_shift_{size}": max(shifts, default=0.0),
             f"load_{size}": os.getloadavg()[0]}
 
 

@@ -53,7 +53,7 @@ from searchspace.latency.predictor import (
 )
 from searchspace.latency.reference import Anchor, Reference
 from searchspace.latency.storage import TABLE_FORMAT, Observation, table_key
-from searchspace.latency.table import LatencyTable, PartProtocol, sample_archs
+from searchspace.latency.table import LatencyTable, PartProtocol, level_scale, sample_archs
 from searchspace.space import SPACES, ChoiceSpace, StageChoices, register_space
 
 SPEC = InputSpec(height=32, width=32)
@@ -211,8 +211,9 @@ def test_a_damaged_observation_warns_and_the_file_reads_as_empty(tmp_path):
 def test_a_second_open_reuses_the_entries_without_measuring(tmp_path):
     archs = tiny_archs()
     first = FakeMeasure()
-    measured = open_table(tmp_path, first).ensure(archs, progress=False)
-    assert measured == first.parts > 0
+    table = open_table(tmp_path, first)
+    measured = table.ensure(archs, progress=False)
+    assert measured == len(table) > 0 and first.calls > 0
 
     second = FakeMeasure()
     table = open_table(tmp_path, second)
@@ -237,6 +238,63 @@ def test_a_measure_function_returning_the_wrong_count_is_an_error(tmp_path):
         table.predict(tiny_archs(1)[0])
 
 
+class ShiftingMeasure(FakeMeasure):
+    """The machine runs ``factor`` times slower from the second batch on (a level shift between batches); the
+    modules of each call are recorded."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor, self.batches = factor, []
+
+    def __call__(self, modules, specs):
+        self.batches.append(list(modules))
+        times = super().__call__(modules, specs)
+        return times if self.calls == 1 else [t * self.factor for t in times]
+
+
+def test_later_batches_are_brought_to_the_first_batchs_level_by_the_yardsticks(tmp_path):
+    archs = distinct_tiny(12, seed=2)
+    measure = ShiftingMeasure(1.2)
+    table = open_table(tmp_path, measure, protocol=PartProtocol(batch=4, yardsticks=3))
+    table.ensure(archs, progress=False)
+    assert measure.calls > 2
+    # every batch after the first re-timed 3 stored parts beside its own 4 (or fewer, the last one)
+    assert len(measure.batches[0]) == 4 and all(4 <= len(b) <= 7 for b in measure.batches[1:])
+    assert table.level_scales[0] == 1.0 and table.level_scales[1:] == pytest.approx([1 / 1.2] * (measure.calls - 1))
+    # so the whole table sits at the level of the first batch: what the machine gave before it slowed down
+    unshifted = FakeMeasure()
+    for part, ms in table.entries.items():
+        assert ms == pytest.approx(unshifted([part.build()], [part.input_spec(1, "float32")])[0])
+
+
+def test_without_yardsticks_a_level_shift_stays_in_the_table(tmp_path):
+    measure = ShiftingMeasure(1.2)
+    table = open_table(tmp_path, measure, protocol=PartProtocol(batch=4, yardsticks=0))
+    table.ensure(distinct_tiny(12, seed=2), progress=False)
+    assert all(len(b) <= 4 for b in measure.batches) and set(table.level_scales) == {1.0}
+    unshifted = FakeMeasure()
+    shifted = [ms / unshifted([p.build()], [p.input_spec(1, "float32")])[0] for p, ms in table.entries.items()]
+    assert min(shifted) == pytest.approx(1.0) and max(shifted) == pytest.approx(1.2)
+
+
+def test_yardsticks_are_spread_over_the_stored_times_and_never_in_the_batch(tmp_path):
+    table = open_table(tmp_path, protocol=PartProtocol(yardsticks=4))
+    table.ensure(distinct_tiny(6, seed=4), progress=False)
+    stored = sorted(table.entries.items(), key=lambda item: item[1])
+    batch = [p for p, _ in stored[:3]]
+    sticks = table._yardsticks(batch)
+    assert len(sticks) == 4 == len(set(sticks)) and not set(sticks) & set(batch)
+    times = [table.get(p) for p in sticks]
+    assert times == sorted(times) and times[0] < times[-1]  # from the fast end to the slow end, not one cluster
+    assert open_table(tmp_path / "empty", protocol=PartProtocol(yardsticks=4))._yardsticks(batch) == []
+
+
+def test_the_level_is_the_median_ratio_so_one_disturbed_yardstick_does_not_move_it():
+    assert level_scale([1.0, 2.0, 4.0], [1.1, 2.2, 4.4]) == pytest.approx(1 / 1.1)
+    assert level_scale([1.0, 2.0, 4.0, 3.0, 5.0], [1.1, 2.2, 4.4, 3.3, 50.0]) == pytest.approx(1 / 1.1)
+    assert level_scale([], []) == 1.0 and level_scale([1.0], [0.0]) == 1.0
+
+
 def test_rebuild_forgets_entries_observations_and_calibration(tmp_path):
     archs = distinct_tiny(3)
     table = open_table(tmp_path)
@@ -248,7 +306,7 @@ def test_rebuild_forgets_entries_observations_and_calibration(tmp_path):
     measure = FakeMeasure()
     rebuilt = open_table(tmp_path, measure, rebuild=True)
     assert len(rebuilt) == 0 and rebuilt.calibration.models == 0 and rebuilt.observations == []
-    assert rebuilt.ensure(archs, progress=False) == measure.parts > 0
+    assert rebuilt.ensure(archs, progress=False) == len(rebuilt) > 0 and measure.calls > 0
     assert open_table(tmp_path).observations == []  # forgotten on disk too
 
 
@@ -893,7 +951,7 @@ def test_build_for_space_fills_the_table_once(tmp_path):
     measure = FakeMeasure()
     table = open_table(tmp_path, measure)
     n = table.build_for_space("tiny", progress=False)
-    assert n == len(table) == measure.parts
+    assert n == len(table) > 0 and measure.calls > 0
     assert table.build_for_space("tiny", progress=False) == 0
     for arch in tiny_archs(10, seed=5):
         assert table.predict(arch, measure_missing=False).complete
@@ -1061,6 +1119,7 @@ def fake_clock(monkeypatch):
     monkeypatch.setattr(LatencyTable, "_measure_parts", parts)
     monkeypatch.setattr(LatencyTable, "_measure_whole", whole)
     monkeypatch.setattr(LatencyTable, "reference", lambda self: ANCHOR)
+    monkeypatch.setattr(LatencyTable, "_yardsticks", lambda self, batch: [])  # so "parts" counts new parts only
     return calls
 
 

@@ -4,6 +4,8 @@ What is measured: every part a backbone is assembled from (:mod:`.parts`: stem, 
 head), built alone and timed on its own input, in batches of interleaved rounds. With one thread on the CPU the
 clock is the measuring thread's CPU time, which leaves out other processes, and a part's time is taken as it is;
 on the wall clock it is corrected by the reference workload timed in the same rounds (:class:`PartProtocol`).
+Every batch after the first also re-times a few parts already in the table (yardsticks) and is scaled by how
+much slower or faster they ran than when they were stored, so parts measured minutes apart share one level.
 Whole models are always corrected by the reference on the CPU (:mod:`.reference`), so the calibration relates
 the parts to whole models in this machine's anchored unit whatever the machine was doing.
 
@@ -29,6 +31,7 @@ import functools
 import json
 import math
 import random
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -137,6 +140,12 @@ class PartProtocol:
     tolerance: float = 0.03  # the 95% interval of each part within +-3%, else ...
     max_extra_rounds: int = 10  # ... up to this many more rounds of the whole batch
     batch: int = 12  # parts measured side by side (interleaved) at a time
+    # Parts already in the table re-timed in the same rounds as each new batch (spread over the stored times). The
+    # machine's level moves by several percent over minutes even on the thread clock (frequency, the host), and
+    # the whole table must share one level, or parts measured at the first open and parts measured later by the
+    # search are off from each other by that much; the new batch is multiplied by the median of stored / now
+    # over these parts. 0 turns this off.
+    yardsticks: int = 6
     # Flush the caches (write a buffer of 4x the L2 size) before each timed run. Timed alone, a part runs from a
     # warm L2 and the plain sum is 15-25% below the whole model; flushing closes that gap on average but widens
     # the spread (small models, whose working set fits in L2, then come out 10% too slow), and the calibration
@@ -223,6 +232,7 @@ class LatencyTable:
         self._new_observations: list[Observation] = []
         self._reference: _reference.Reference | None = None
         self._calm_drift = math.inf  # the lowest reference drift seen beside a batch of parts (a calm machine)
+        self.level_scales: list[float] = []  # the factor each batch measured here was scaled by (yardsticks)
 
     # ----------------------------------------------------------------------------------------------- opening
 
@@ -380,16 +390,30 @@ class LatencyTable:
                   disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
             for start in range(0, len(order), size):
                 batch = order[start:start + size]
-                modules = [p.build() for p in batch]
-                specs = [p.input_spec(self.key.batch, self.key.dtype) for p in batch]
+                sticks = self._yardsticks(batch)
+                timed = batch + sticks
+                modules = [p.build() for p in timed]
+                specs = [p.input_spec(self.key.batch, self.key.dtype) for p in timed]
                 times = list(self._measure(modules, specs))
-                if len(times) != len(batch):
-                    raise MeasurementError(f"the measure function returned {len(times)} times for {len(batch)} "
+                if len(times) != len(timed):
+                    raise MeasurementError(f"the measure function returned {len(times)} times for {len(timed)} "
                                            f"parts")
+                scale = level_scale([self._data.entries[p] for p in sticks], times[len(batch):])
+                self.level_scales.append(scale)
                 for part, ms in zip(batch, times):
-                    self._data.entries[part] = self._new[part] = float(ms)
+                    self._data.entries[part] = self._new[part] = float(ms) * scale
                 self.save()
                 bar.update(len(batch))
+
+    def _yardsticks(self, batch: Sequence[Part]) -> list[Part]:
+        """Stored parts to re-time beside ``batch``: ``protocol.yardsticks`` of them, evenly spread over the
+        stored times (none while the table holds fewer)."""
+        k = max(0, self.protocol.yardsticks)
+        skip = set(batch)
+        stored = sorted((ms, _cost_order(p), p) for p, ms in self._data.entries.items() if p not in skip)
+        if k == 0 or len(stored) < k:
+            return []
+        return [stored[int((i + 0.5) * len(stored) / k)][2] for i in range(k)]
 
     def reference(self) -> _reference.Reference | None:
         """The reference workload this table's whole-model CPU measurements are corrected by (None on a GPU or when
@@ -530,6 +554,13 @@ class LatencyTable:
 
     def __repr__(self) -> str:
         return f"LatencyTable({len(self)} entries, {self.calibration}, file={str(self.path)!r})"
+
+
+def level_scale(stored_ms: Sequence[float], now_ms: Sequence[float]) -> float:
+    """The factor that brings times measured now to the level of the stored ones: the median of stored / now over
+    the same parts (1.0 without any)."""
+    ratios = [s / n for s, n in zip(stored_ms, now_ms) if s > 0 and n > 0 and math.isfinite(s / n)]
+    return statistics.median(ratios) if ratios else 1.0
 
 
 def _cost_order(part: Part) -> tuple:
