@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "deployment's count (default: 1 on the CPU, the most repeatable; training uses every core)")
     g.add_argument("--train-threads", type=int, default=None, help="CPU threads for training (default: torch's, "
                    "every core)")
+    g.add_argument("--runtime", default="eager", metavar="NAME",
+                   help="what runs the model where you deploy it, so the budget is judged there: eager, compile "
+                        "(torch.compile), onnxruntime, openvino (pip install -e '.[onnx]' / '.[openvino]'), "
+                        "tensorrt (CUDA) (default: eager PyTorch)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="image folder, one sub-folder per class, split reproducibly (default: built-in digits)")
@@ -117,6 +121,7 @@ def run_search(args: argparse.Namespace) -> int:
     config = SearchConfig(
         budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
         input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
+        runtime=args.runtime,
         train_threads=args.train_threads, trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator,
         epochs=args.epochs, final_epochs=args.final_epochs, objective=args.objective, sampler=args.sampler,
         backend=args.backend, storage=args.storage,
@@ -136,7 +141,7 @@ def run_search(args: argparse.Namespace) -> int:
     print(f"      validation accuracy {best['accuracy']:.4f} after {best['final_epochs']} epochs; measured "
           f"{format_ms(best['latency_ms'])} <= budget {format_ms(best['budget_ms'])} on {best['device_name']} "
           f"({best['device']}, {best['threads']} thread(s), {best['input_size']}x{best['input_size']}, batch "
-          f"{best['batch_size']})")
+          f"{best['batch_size']}, {best['runtime']})")
     rows = [(f"winner ({candidate_label(best)})", best["search_" + metric], best["latency_ms"], best.get("params"))]
     rows += [(b["name"], b[metric], b["measured_ms"], b.get("params")) for b in result.baselines
              if b["state"] == "complete" and b["name"] != best.get("preset")]

@@ -46,7 +46,7 @@ def test_a_preset_prints_latency_context_counts_and_prediction(tmp_path, capsys)
     match = MEASURED.fullmatch(line(out, "measured"))  # the value, its interval and how it was measured
     assert match and match["ref"], line(out, "measured")  # corrected by the reference on the CPU, by default
     assert REFERENCE_OPTION in line(out, "context")
-    assert list(tmp_path.glob("latency/latency-cpu-32x32-*.json"))
+    assert list(tmp_path.glob("latency/latency-cpu-eager-32x32-*.json"))
 
 
 def test_json_output_and_an_arch_file(tmp_path, capsys):

@@ -205,6 +205,8 @@ def test_zero_cost_and_pareto(tmp_path):
     (["--latency-budget", "5ms", "--baselines", "CAFormer-S81"], "CAFormer-S18"),
     (["--latency-budget", "5ms", "--trials", "0"], "--trials"),
     (["--latency-budget", "5ms", "--device", "tpu"], "unknown device"),
+    (["--latency-budget", "5ms", "--runtime", "onnxrt"], "did you mean 'onnxruntime'"),
+    (["--latency-budget", "5ms", "--runtime", "tensorrt", "--device", "cpu"], "does not run on cpu"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tmp_path, capsys):
     code = search.main([*argv, "--out", str(tmp_path / "run"), "--quiet"])
@@ -239,3 +241,20 @@ def test_tpe_is_guided_within_the_default_time_budget(tmp_path):
     assert [tpe_startup_trials(n) for n in (12, 16, 40, 60, 500)] == [4, 4, 6, 10, 10]
     study = create_study(SearchConfig(budget_ms=5.0, trials=40, out=str(tmp_path)))
     assert study.sampler._n_startup_trials == 6
+
+
+@pytest.mark.slow
+def test_a_search_on_onnxruntime_judges_the_budget_there_and_exports_the_winner(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "run"
+    assert search.main(["--latency-budget", "50ms", "--trials", "2", "--out", str(out), "--baselines", "none",
+                        "--evaluator", "zero-cost", "--runtime", "onnxruntime", *FAST]) == 0
+    best = json.loads((out / "best.json").read_text())
+    assert best["runtime"].startswith("onnxruntime ") and "(CPUExecutionProvider)" in best["runtime"]
+    assert best["onnx"] == "model.onnx" and (out / "best" / "model.onnx").is_file()
+    assert "onnxruntime" in capsys.readouterr().out  # the summary line says what the latency was measured on
+    # the runtime's own table, apart from eager's
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=16, width=16), threads=1, num_classes=10,
+                              runtime="onnxruntime")
+    assert table.key.runtime == "onnxruntime" and table.path != search_table().path and len(table) > 0

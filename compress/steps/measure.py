@@ -9,6 +9,7 @@ figures step by step; a ``measure`` step in a recipe records them again at that 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,10 +26,11 @@ class MeasureOptions:
     rounds: int = 10  # interleaved rounds before the interval is checked; the statistic is their median
     target_round_ms: float = 20.0  # a round lasts about this long (sets the runs per round)
     max_extra_rounds: int = 40  # more rounds while the 95% interval is wider than +-2%, at most this many
+    runtime: str = "eager"  # what runs the model (searchspace.runtimes): the budget is judged where it deploys
 
     def kwargs(self) -> dict[str, Any]:
         return {"warmup": self.warmup, "rounds": self.rounds, "target_round_ms": self.target_round_ms,
-                "max_extra_rounds": self.max_extra_rounds}
+                "max_extra_rounds": self.max_extra_rounds, "runtime": self.runtime}
 
 
 def options(ctx: StepContext) -> MeasureOptions:
@@ -70,5 +72,5 @@ def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, a
 def measure(ctx: StepContext, latency: bool, accuracy: bool, rounds: int | None) -> dict[str, Any]:
     settings = options(ctx)
     if rounds is not None:
-        settings = MeasureOptions(settings.warmup, rounds, settings.target_round_ms, settings.max_extra_rounds)
+        settings = dataclasses.replace(settings, rounds=rounds)
     return measure_model(ctx.model, ctx, latency=latency, accuracy=accuracy, settings=settings)

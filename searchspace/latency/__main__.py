@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 from .. import cli
 from ..errors import MixerNASError
+from ..runtimes import get_runtime, runtime_names
 from .counting import count_params_macs
 from .measure import DTYPES, InputSpec, clock_for, measure_latency, thread_cpu_timer
 from .table import CALIBRATION_MODELS
@@ -86,6 +87,10 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size in pixels, square (224) or height x width (256x192) (default: 224)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     p.add_argument("--channels", type=int, default=3, help="input channels (default: 3; the digits have 1)")
+    p.add_argument("--runtime", default="eager", metavar="NAME",
+                   help=f"what runs the model: {', '.join(runtime_names())} (default: eager PyTorch). onnxruntime "
+                        f"and openvino need the extras of the same name (pip install -e '.[onnx]' / "
+                        f"'.[openvino]'); tensorrt needs --device cuda. Each runtime has its own lookup table")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -118,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         raise MixerNASError(f"--num-classes must be >= 0, got {args.num_classes}")
     if args.clock == "thread" and not (args.threads == 1 and args.device == "cpu"):
         raise MixerNASError("--clock thread measures one CPU thread; add --threads 1 (and --device cpu)")
-    timer = clock_for(args.device, args.threads, args.clock)
+    runtime = get_runtime(args.runtime)
+    timer = clock_for(args.device, args.threads, args.clock, runtime)
     model = build_model(arch, num_classes=args.num_classes, in_chans=args.channels)
     table = None
     reference: object = False if args.no_reference else "auto"
@@ -127,12 +133,13 @@ def run(args: argparse.Namespace) -> int:
 
         # opened first: the measurement is corrected by the same reference anchor as the table's entries
         table = LatencyTable.open(args.device, spec, threads=args.threads, cache_dir=args.cache_dir,
-                                  rebuild=args.rebuild_table, num_classes=args.num_classes)
+                                  rebuild=args.rebuild_table, num_classes=args.num_classes, runtime=runtime.name)
         if not args.no_reference:
             reference = table.reference() or False
     result = measure_latency(model, spec, device=args.device, threads=args.threads, warmup=args.warmup,
                              rounds=args.rounds, target_round_ms=args.round_ms, timer=timer,
-                             tolerance=args.tolerance, max_extra_rounds=args.max_extra_rounds, reference=reference)
+                             tolerance=args.tolerance, max_extra_rounds=args.max_extra_rounds, reference=reference,
+                             runtime=runtime)
     counts = count_params_macs(model, spec)
     prediction = table.predict(arch) if table is not None else None
 
@@ -219,7 +226,7 @@ def run_build(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     start = time.perf_counter()
     table = LatencyTable.open(args.device, spec, threads=threads, cache_dir=args.cache_dir, rebuild=args.rebuild,
-                              num_classes=args.num_classes)
+                              num_classes=args.num_classes, runtime=args.runtime)
     before = len(table)
     try:
         table.build_for_space(space)
@@ -244,7 +251,8 @@ def run_build(args: argparse.Namespace) -> int:
         return 0
     print(f"table       {table.path}")
     print(f"device      {table.key.device_name} [{table.key.device}], {table.key.threads} thread(s), input "
-          f"{spec.batch}x{spec.channels}x{spec.height}x{spec.width} {spec.dtype}, torch {table.key.torch_version}")
+          f"{spec.batch}x{spec.channels}x{spec.height}x{spec.width} {spec.dtype}, torch {table.key.torch_version}, "
+          f"runtime {table.key.runtime} {table.key.runtime_version}")
     if ref is not None:
         print(f"reference   anchor {ref.anchor.ms:.3f} ms +-{ref.anchor.precision:.1%} (every CPU figure is "
               f"corrected by it)")

@@ -23,6 +23,9 @@ The protocol, and why:
 * **Spread** = ``(median round - fastest round) / fastest round``, kept for display.
 * **CUDA:** each run is timed with CUDA events and synchronised; options for cuDNN benchmark, channels_last,
   float16/bfloat16 (cast or autocast) and CUDA graphs (capture once, time ``graph.replay()``). No reference.
+* **Runtimes:** what is timed is one inference of the model prepared by a runtime (:mod:`searchspace.runtimes`:
+  eager PyTorch, torch.compile, ONNX Runtime, OpenVINO, TensorRT); the runtime, its version and provider are
+  recorded in the context. The reference stays an eager PyTorch workload: it measures the machine.
 
 >>> result = measure_latency("PoolFormerV2-S12", InputSpec(height=64, width=64), threads=1)  # doctest: +SKIP
 >>> print(result)  # doctest: +SKIP
@@ -48,6 +51,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..runtimes import Runtime, get_runtime
 from . import reference as _reference
 from .budget import format_ms
 from .stats import (  # the pure statistics of the rounds
@@ -127,13 +131,14 @@ class LatencyContext:
     dtype: str
     torch_version: str
     options: tuple[str, ...] = ()  # e.g. ("channels_last", "cuda_graphs", "autocast")
+    runtime: str = "eager"  # what ran the model: "onnxruntime 1.32.0 (CPUExecutionProvider)"
 
     def __str__(self) -> str:
         shape = "x".join(map(str, self.input_shape))
         opts = f", {', '.join(self.options)}" if self.options else ""
         threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
         return (f"{self.device_name} [{self.device}], {threads}, {shape} {self.layout} {self.dtype}{opts}, "
-                f"torch {self.torch_version}")
+                f"torch {self.torch_version}, {self.runtime}")
 
 
 @dataclass(frozen=True)
@@ -222,12 +227,15 @@ def thread_cpu_timer(fn: Callable[[], Any]) -> float:
 CLOCKS = ("auto", "thread", "wall")
 
 
-def clock_for(device: torch.device | str, threads: int | None, clock: str = "auto") -> Timer | None:
-    """The timer a measurement on ``device`` with ``threads`` torch threads uses; the one place that decides it.
+def clock_for(device: torch.device | str, threads: int | None, clock: str = "auto",
+              runtime: str | Runtime | None = None) -> Timer | None:
+    """The timer a measurement on ``device`` with ``threads`` threads on ``runtime`` uses; the one place that
+    decides it.
 
     ``"auto"`` (what the search, the table and the CLI use): the measuring thread's CPU time
-    (:func:`thread_cpu_timer`) with one CPU thread, where it is exact and leaves out the time other processes
-    take; else the wall clock. ``"thread"`` or ``"wall"`` force one. On a GPU: None (CUDA events).
+    (:func:`thread_cpu_timer`) with one CPU thread on a runtime that computes on the calling thread, where it is
+    exact and leaves out the time other processes take; else the wall clock. ``"thread"`` or ``"wall"`` force
+    one. On a GPU: None (CUDA events).
 
     >>> clock_for("cpu", 1) is thread_cpu_timer, clock_for("cpu", 2) is cpu_timer
     (True, True)
@@ -236,7 +244,31 @@ def clock_for(device: torch.device | str, threads: int | None, clock: str = "aut
         raise MeasurementError(f"unknown clock {clock!r}; use one of {', '.join(CLOCKS)}")
     if resolve_device(device).type != "cpu":
         return None
-    return thread_cpu_timer if clock == "thread" or (clock == "auto" and threads == 1) else cpu_timer
+    rt = get_runtime(runtime)
+    if clock == "thread" and not rt.thread_clock:
+        raise MeasurementError(f"runtime {rt.name!r} computes on threads of its own, which the thread clock does not "
+                               f"see; use the wall clock")
+    return thread_cpu_timer if rt.thread_clock and (clock == "thread" or (clock == "auto" and threads == 1)) \
+        else cpu_timer
+
+
+# The thread clock must see most of an inference's wall time; below this share the work runs on other threads
+# (a machine whose core is shared with another busy process still gives the measuring thread far more).
+THREAD_CLOCK_MIN_SHARE = 0.2
+
+
+def check_thread_clock(fn: Callable[[], Any], runtime: str, runs: int = 3) -> None:
+    """Raise :class:`MeasurementError` if ``fn`` computes elsewhere than on the calling thread, where the thread
+    clock would time next to nothing."""
+    wall = thread = 0
+    for _ in range(runs):
+        w0, t0 = time.perf_counter_ns(), time.thread_time_ns()
+        fn()
+        thread += time.thread_time_ns() - t0
+        wall += time.perf_counter_ns() - w0
+    if wall > 0 and thread < THREAD_CLOCK_MIN_SHARE * wall:
+        raise MeasurementError(f"the thread clock saw {thread / wall:.0%} of the wall time of runtime {runtime!r}: it "
+                               f"computes on threads of its own; measure with the wall clock (clock='wall')")
 
 
 @contextlib.contextmanager
@@ -520,6 +552,7 @@ def measure_many(
     cuda_graphs: bool = False,
     timer: Timer | None = None,
     reference: Any = "auto",
+    runtime: str | Runtime | None = None,
 ) -> list[LatencyResult]:
     """Measure several models side by side, alternating rounds between them; results in the order given.
 
@@ -547,6 +580,9 @@ def measure_many(
         reference: ``"auto"`` (on the CPU: time the reference workload in the same rounds and correct by it, see
             :mod:`.reference`; its anchor is read from, or measured once into, the cache folder), ``False`` (plain
             round medians), or a :class:`~.reference.Reference` to use (the latency table passes its own).
+        runtime: what runs the model: a name of :mod:`searchspace.runtimes` (None = ``"eager"``) or a
+            :class:`~searchspace.runtimes.Runtime`. A runtime that is missing or cannot prepare a model raises
+            :class:`~searchspace.runtimes.RuntimeUnavailableError` (a ``MixerNASError``) with the reason.
 
     >>> spec = InputSpec(height=64, width=64)
     >>> a, b = measure_many(["IdentityFormer-S12", "PoolFormerV2-S12"], spec)  # doctest: +SKIP
@@ -564,6 +600,22 @@ def measure_many(
     dev = resolve_device(device)
     if dev.type != "cuda" and (cudnn_benchmark or cuda_graphs):
         raise MeasurementError("cudnn_benchmark and cuda_graphs need a CUDA device; pass device='cuda'")
+    rt = get_runtime(runtime)
+    rt.check(dev)
+    if cuda_graphs and rt.name != "eager":
+        raise MeasurementError(f"cuda_graphs captures eager PyTorch; runtime {rt.name!r} runs its own way")
+    if autocast and rt.name not in ("eager", "compile"):
+        raise MeasurementError(f"autocast applies to PyTorch's runtimes (eager, compile), not {rt.name!r}; pass a "
+                               f"float16 or bfloat16 input without autocast")
+    if timer is thread_cpu_timer and not rt.thread_clock:
+        raise MeasurementError(f"runtime {rt.name!r} computes on threads of its own, which the thread clock does not "
+                               f"see; use the wall clock (clock_for picks it)")
+    if rt.exclusive and len(models) > 1:  # one at a time (see the runtime)
+        return [measure_many([m], s, device=device, threads=threads, warmup=warmup, rounds=rounds,
+                             runs_per_round=runs_per_round, tolerance=tolerance, max_extra_rounds=max_extra_rounds,
+                             target_round_ms=target_round_ms, cudnn_benchmark=cudnn_benchmark,
+                             channels_last=channels_last, autocast=autocast, cuda_graphs=cuda_graphs, timer=timer,
+                             reference=reference, runtime=rt)[0] for m, s in zip(models, specs)]
     for spec in specs:
         if channels_last and spec.layout != "nchw":
             raise MeasurementError(f"channels_last applies to 'nchw' inputs, not {spec.layout!r}")
@@ -595,10 +647,11 @@ def measure_many(
             # Cached casts would be baked into a captured graph; PyTorch's docs ask for no cache with CUDA graphs.
             stack.enter_context(torch.autocast(dev.type, dtype=specs[0].torch_dtype, cache_enabled=not cuda_graphs))
 
-        fns = []
+        fns, ready = [], []
         for model, spec in zip(prepared, specs):
             x = spec.example(dev, torch.float32 if autocast else None, channels_last)
-            fns.append(_cuda_graph(model, x) if cuda_graphs else (lambda model=model, x=x: model(x)))
+            ready.append(rt.prepare(model, x, device=dev, threads=threads_used))
+            fns.append(_cuda_graph(model, x) if cuda_graphs else ready[-1].run)
         if ref is not None:  # the reference's own input, as when its anchor was measured
             ref_x = ref_spec.example(dev)
             fns.append(lambda model=prepared[-1], x=ref_x: model(x))
@@ -610,6 +663,8 @@ def measure_many(
         per_round, chunks = [], []
         for fn in fns:
             warm = warm_until_steady(fn, timer, min_runs=max(warmup, 1))
+            if timer is thread_cpu_timer:
+                check_thread_clock(fn, rt.name)
             per_round.append(runs_per_round or calibrate_runs(warm, target_round_ms))
             if ref_ms is not None:
                 chunks.append(chunk_size(statistics.median(warm[len(warm) // 2:]), ref_ms))
@@ -637,7 +692,7 @@ def measure_many(
         summaries = summaries_of(kept)
 
     context = dict(device=str(dev), device_name=device_name(dev), threads=threads_used,
-                   torch_version=torch.__version__.split("+")[0])
+                   torch_version=torch.__version__.split("+")[0], runtime=str(ready[0].info))
     options = tuple(name for name, on in (("cudnn_benchmark", cudnn_benchmark), ("channels_last", channels_last),
                                           ("autocast", autocast), ("cuda_graphs", cuda_graphs),
                                           (STEADY_ALLOCATOR, steady), (REFERENCE_OPTION, ref is not None)) if on)
@@ -734,6 +789,7 @@ def measure_latency(
     cuda_graphs: bool = False,
     timer: Timer | None = None,
     reference: Any = "auto",
+    runtime: str | Runtime | None = None,
 ) -> LatencyResult:
     """Measure one model, ``Arch``, preset name or arch JSON path; arguments as in :func:`measure_many`.
 
@@ -745,5 +801,5 @@ def measure_latency(
         [model_or_arch], input_spec, device=device, threads=threads, warmup=warmup, rounds=rounds,
         runs_per_round=runs_per_round, tolerance=tolerance, max_extra_rounds=max_extra_rounds,
         target_round_ms=target_round_ms, cudnn_benchmark=cudnn_benchmark, channels_last=channels_last,
-        autocast=autocast, cuda_graphs=cuda_graphs, timer=timer, reference=reference,
+        autocast=autocast, cuda_graphs=cuda_graphs, timer=timer, reference=reference, runtime=runtime,
     )[0]

@@ -14,6 +14,7 @@ import torch
 from .._io import atomic_write_text
 from ..arch import Arch
 from ..errors import MixerNASError
+from ..runtimes import Runtime, get_runtime
 from .cache import digest
 from .measure import InputSpec, MeasurementError, device_name, resolve_device
 from .parts import Part, part_from_dict, part_to_dict
@@ -21,7 +22,7 @@ from .predictor import IDENTITY, Calibration
 
 # Bump when the file layout or the meaning of an entry changes; older files are then ignored.
 # 6: parts timed on the thread clock are stored as measured, not corrected by the reference.
-# 7: every batch is brought to the table's level by re-timed yardstick parts.
+# 7: every batch is brought to the table's level by re-timed yardstick parts; the runtime is part of the key.
 TABLE_FORMAT = 7
 MAX_OBSERVATIONS = 400  # whole-model measurements kept for the calibration (the newest)
 
@@ -39,28 +40,33 @@ class TableKey:
     height: int
     width: int
     dtype: str
+    runtime: str = "eager"  # what runs the parts and models (searchspace.runtimes), and its version
+    runtime_version: str = ""
 
     def filename(self) -> str:
         size = f"{self.height}x{self.width}-b{self.batch}-{self.dtype}"
-        return f"latency-{self.device}-{size}-{digest(asdict(self))}.json"
+        return f"latency-{self.device}-{self.runtime}-{size}-{digest(asdict(self))}.json"
 
     @property
     def input_spec(self) -> InputSpec:
         return InputSpec(self.batch, self.channels, self.height, self.width, self.dtype)
 
 
-def table_key(device: str, input_spec: InputSpec, threads: int | None) -> TableKey:
-    """The key of the table for these settings (device fingerprint, threads, torch version, input)."""
+def table_key(device: str, input_spec: InputSpec, threads: int | None, runtime: str | Runtime | None = None
+              ) -> TableKey:
+    """The key of the table for these settings (device fingerprint, threads, torch version, input, runtime and
+    its version); a runtime that is missing or does not run on ``device`` raises here."""
     if not isinstance(input_spec, InputSpec) or input_spec.layout != "nchw":
         raise MeasurementError(f"a latency table needs an 'nchw' InputSpec, got {input_spec!r}")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise MeasurementError(f"threads must be a positive integer or None, got {threads!r}")
     dev = resolve_device(device)
+    info = get_runtime(runtime).check(dev)
     return TableKey(device=dev.type, device_name=device_name(dev),
                     threads=threads if threads is not None else torch.get_num_threads(),
                     torch_version=torch.__version__.split("+")[0], batch=input_spec.batch,
                     channels=input_spec.channels, height=input_spec.height, width=input_spec.width,
-                    dtype=input_spec.dtype)
+                    dtype=input_spec.dtype, runtime=info.name, runtime_version=info.version)
 
 
 @dataclass(frozen=True)

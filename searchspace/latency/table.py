@@ -171,17 +171,18 @@ class PartProtocol:
     # their weights like the reference, and the correction takes out most of the machine's drift from them.
     reference: bool | str = "auto"
 
-    def corrects_parts(self, device: torch.device, threads: int) -> bool:
+    def corrects_parts(self, device: torch.device, threads: int, runtime: str | None = None) -> bool:
         """Whether part timings are divided by the reference (see ``reference``)."""
         if self.reference not in (True, False, "auto"):
             raise MeasurementError(f"PartProtocol.reference must be True, False or 'auto', got {self.reference!r}")
         if device.type != "cpu" or self.reference is False:
             return False
-        return self.reference is True or clock_for(device, threads, self.clock) is not thread_cpu_timer
+        return self.reference is True or clock_for(device, threads, self.clock, runtime) is not thread_cpu_timer
 
-    def timer(self, device: torch.device, threads: int) -> Callable[[Callable[[], Any]], float] | None:
+    def timer(self, device: torch.device, threads: int, runtime: str | None = None
+              ) -> Callable[[Callable[[], Any]], float] | None:
         """The timer for :func:`measure_many`; None = its default (wall clock on CPU, CUDA events on a GPU)."""
-        clock = clock_for(device, threads, self.clock)
+        clock = clock_for(device, threads, self.clock, runtime)
         if clock is None or not self.flush_caches:
             return clock
         flush = _cache_flusher()
@@ -240,7 +241,7 @@ class LatencyTable:
     def open(cls, device: str = "cpu", input_spec: InputSpec = DEFAULT_INPUT, *, threads: int | None = None,
              cache_dir: str | Path | None = None, rebuild: bool = False, measure: MeasureParts | None = None,
              measure_models: MeasureModels | None = None, protocol: PartProtocol = PartProtocol(),
-             num_classes: int = 1000) -> LatencyTable:
+             num_classes: int = 1000, runtime: str | None = None) -> LatencyTable:
         """The table for ``device`` and ``input_spec``, read from the cache (``rebuild=True`` empties it first).
 
         Args:
@@ -253,15 +254,17 @@ class LatencyTable:
             measure: ``measure(modules, input_specs) -> ms per module``; None = :class:`PartProtocol` timing.
             measure_models: ``measure_models(archs) -> ms per whole model``; None = :func:`measure_many`.
             num_classes: classifier size used for the head part.
+            runtime: what runs the parts and models (:mod:`searchspace.runtimes`; None = eager). Each runtime
+                has its own table and calibration: fused runtimes do not add up like eager PyTorch.
         """
-        key = table_key(device, input_spec, threads)
+        key = table_key(device, input_spec, threads, runtime)
         table = cls(key, latency_dir(cache_dir) / key.filename(), device=device, measure=measure,
                     measure_models=measure_models, protocol=protocol, num_classes=num_classes, cache_dir=cache_dir)
         if rebuild:
             with locked(table.path):
                 write_table(table.path, key, TableData(), protocol)
             if resolve_device(device).type == "cpu":
-                clock = clock_name(protocol.timer(torch.device("cpu"), key.threads))
+                clock = clock_name(protocol.timer(torch.device("cpu"), key.threads, key.runtime))
                 _reference.forget_anchor(reference_key(resolve_device(device), key.input_spec, key.threads, clock),
                                          cache_dir)
         table.refresh()
@@ -422,22 +425,24 @@ class LatencyTable:
         on_cpu = resolve_device(self.device).type == "cpu"
         if self._reference is None and self.protocol.reference is not False and on_cpu:
             self._reference = reference_for(self.device, self.key.input_spec, self.key.threads,
-                                            timer=self.protocol.timer(torch.device("cpu"), self.key.threads),
+                                            timer=self.protocol.timer(torch.device("cpu"), self.key.threads,
+                                                                      self.key.runtime),
                                             cache_dir=None if self.cache_dir is None else str(self.cache_dir))
         return self._reference
 
     def _measure_parts(self, modules: Sequence[nn.Module], specs: Sequence[InputSpec]) -> list[float]:
         p, dev = self.protocol, resolve_device(self.device)
-        timer = p.timer(dev, self.key.threads)
+        timer = p.timer(dev, self.key.threads, self.key.runtime)
         reference = self.reference()
 
         def attempt() -> list[Any]:
-            return measure_many(modules, specs, device=self.device, threads=self.key.threads, warmup=p.warmup,
+            return measure_many(modules, specs, device=self.device, threads=self.key.threads, runtime=self.key.runtime,
+                                warmup=p.warmup,
                                 rounds=p.rounds, target_round_ms=p.target_round_ms, tolerance=p.tolerance,
                                 max_extra_rounds=p.max_extra_rounds, timer=timer, reference=reference or False)
 
         results = attempt()
-        if reference is None or p.corrects_parts(dev, self.key.threads):
+        if reference is None or p.corrects_parts(dev, self.key.threads, self.key.runtime):
             return [r.value_ms for r in results]
         # the reference as a probe of the machine's state only: the parts' own times are kept (raw_ms)
         for _ in range(max(0, p.busy_retries)):
@@ -451,10 +456,11 @@ class LatencyTable:
 
     def _measure_whole(self, archs: Sequence[Arch]) -> list[float]:
         """Whole models, interleaved, with the protocol the search measures candidates with."""
-        timer = self.protocol.timer(resolve_device(self.device), self.key.threads)
+        timer = self.protocol.timer(resolve_device(self.device), self.key.threads, self.key.runtime)
         # built as the parts describe them: this table's classes and input channels
         models = [build_model(a, num_classes=self.num_classes, in_chans=self.key.channels) for a in archs]
         results = measure_many(models, self.key.input_spec, device=self.device, threads=self.key.threads,
+                               runtime=self.key.runtime,
                                timer=timer, reference=self.reference() or False)
         return [r.value_ms for r in results]
 

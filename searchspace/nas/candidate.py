@@ -17,7 +17,7 @@ import torch
 
 from ..arch import Arch
 from ..evaluators import TrialPruned
-from ..latency import InputSpec, count_params_macs, measure_latency
+from ..latency import InputSpec, clock_for, count_params_macs, measure_latency
 
 # A candidate predicted this much over the budget is screened out unmeasured. The table's error is a few percent;
 # the margin keeps borderline candidates, which are then judged on measured latency.
@@ -64,7 +64,7 @@ class CandidateRunner:
     """Evaluates candidates under a latency budget on one device; see the module docstring."""
 
     def __init__(self, *, budget_ms: float, predictor, evaluator, data, input_spec: InputSpec, device: str,
-                 threads: int | None, measure_rounds: int = 10):
+                 threads: int | None, measure_rounds: int = 10, runtime: str = "eager"):
         self.budget_ms = budget_ms
         self.predictor = predictor  # .predict(arch).total_ms (and .observe(arch, ms)), or None to measure everything
         self.evaluator = evaluator
@@ -73,6 +73,7 @@ class CandidateRunner:
         self.device = device
         self.threads = threads
         self.measure_rounds = measure_rounds
+        self.runtime = runtime  # what runs the candidates when their latency is measured (searchspace.runtimes)
 
     def predict(self, arch: Arch) -> float | None:
         return None if self.predictor is None else float(self.predictor.predict(arch).total_ms)
@@ -80,15 +81,13 @@ class CandidateRunner:
     @property
     def timer(self):
         """With one CPU thread, time the measuring thread's CPU time: time other processes take is left out."""
-        from ..latency.measure import clock_for
-
-        return clock_for(self.device, self.threads)
+        return clock_for(self.device, self.threads, runtime=self.runtime)
 
     def measure(self, model: torch.nn.Module):
         """A robust measurement of a candidate (reference-corrected on the CPU, to +-2% where the machine allows);
         finalists are measured again side by side."""
         return measure_latency(model, self.input_spec, device=self.device, threads=self.threads,
-                               rounds=self.measure_rounds, warmup=5, timer=self.timer)
+                               rounds=self.measure_rounds, warmup=5, timer=self.timer, runtime=self.runtime)
 
     def observe(self, arch: Arch, measured_ms: float) -> None:
         """Give a whole-model measurement to the latency table, which refits its prediction on it."""

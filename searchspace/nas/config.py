@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import MixerNASError
 from ..latency.budget import format_ms
+from ..runtimes import get_runtime
 
 EVALUATORS = ("train", "zero-cost")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -20,7 +21,7 @@ BACKENDS = ("optuna", "ray", "nni")
 # Settings that define *what* is searched: a results folder holds one such search; the others (trials,
 # timeout, workers, ...) may change between runs that resume it.
 IDENTITY_FIELDS = ("budget_ms", "space", "data", "input_size", "batch_size", "evaluator", "epochs", "objective",
-                   "sampler", "seed", "device")
+                   "sampler", "seed", "device", "runtime")
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class SearchConfig:
     batch_size: int = 1  # batch size the latency is measured at
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # threads latency is measured with; None = 1 on the CPU (training uses all cores)
+    runtime: str = "eager"  # what runs the candidates when latency is measured (searchspace.runtimes)
     train_threads: int | None = None  # CPU threads for training; None = torch's default (every core)
     trials: int = 100  # trials to run in total (a resumed search runs only the missing ones); the timeout
     # usually ends the default search first: 40 trials took 156 s on an idle 2-core CPU, 12 took 447 s on a busy one
@@ -60,6 +62,7 @@ class SearchConfig:
                               ("sampler", SAMPLERS + (None,))):
             if getattr(self, name) not in choices:
                 raise MixerNASError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
+        get_runtime(self.runtime)  # an unknown name is one line naming the close ones
         for name in ("trials", "batch_size", "workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

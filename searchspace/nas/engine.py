@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from collections.abc import Callable
@@ -13,7 +14,9 @@ import torch
 
 from ..arch import Arch
 from ..errors import MixerNASError
+from ..export import export_model
 from ..latency import InputSpec, format_ms, measure_many
+from ..runtimes import get_runtime
 from ..space import get_space
 from . import plots
 from .candidate import CandidateRunner, Outcome, arch_model
@@ -85,6 +88,7 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     # Latency is measured with a fixed thread count: the one asked for, else one thread on the CPU (the most
     # repeatable figure on a shared machine; pass --threads to match your deployment).
     threads = config.threads or (1 if device == "cpu" else None)
+    get_runtime(config.runtime).check(device)  # installed and runs on this device, before any folder is written
     from ..data import load_data
 
     data = load_data(config.data, input_size=config.input_size, seed=config.seed)
@@ -95,13 +99,13 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "config.json", {"search": config.to_dict(), "environment": environment()})
     echo(f"MixerNAS: searching space {space.name!r} for the most accurate model within "
-         f"{format_ms(config.budget_ms)} on {device} at {data.input_size}x{data.input_size}, batch "
+         f"{format_ms(config.budget_ms)} on {device} ({config.runtime}) at {data.input_size}x{data.input_size}, batch "
          f"{config.batch_size}; data: {data.describe()}; results in {out}")
 
-    predictor = _latency_table(space, spec, device, threads, data.num_classes, progress, echo)
+    predictor = _latency_table(space, spec, device, threads, data.num_classes, progress, echo, config.runtime)
     evaluator = make_evaluator(config, device)
     runner = CandidateRunner(budget_ms=config.budget_ms, predictor=predictor, evaluator=evaluator, data=data,
-                             input_spec=spec, device=device, threads=threads)
+                             input_spec=spec, device=device, threads=threads, runtime=config.runtime)
 
     if config.backend == "optuna":
         from .optuna_backend import run_study
@@ -152,13 +156,14 @@ def make_evaluator(config: SearchConfig, device: str):
 
 
 def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num_classes: int, progress: bool,
-                   echo):
+                   echo, runtime: str = "eager"):
     """The device's lookup table, calibrated on a few whole models when it is new to this device and input (with
     its held-out accuracy printed, so the user knows what its screening is worth); parts a candidate needs are
     measured on first use and cached, and every candidate measured refines the calibration."""
     from ..latency.table import LatencyTable
 
-    table = LatencyTable.open(device=device, input_spec=spec, threads=threads, num_classes=num_classes)
+    table = LatencyTable.open(device=device, input_spec=spec, threads=threads, num_classes=num_classes,
+                              runtime=runtime)
     echo(f"latency table: {len(table)} parts and {len(table.observations)} whole models cached for this device "
          f"and input ({table.path})")
     try:
@@ -194,7 +199,7 @@ def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float,
     archs = [Arch.from_json(r["arch"]) for r in finalists]
     models = [arch_model(a, runner.data) for a in archs]
     results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads,
-                           timer=runner.timer)
+                           timer=runner.timer, runtime=runner.runtime)
     for r, m in zip(finalists, results):
         r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context
         r["final_interval_ms"], r["final_precision"] = [m.ci_low_ms, m.ci_high_ms], m.precision
@@ -283,6 +288,7 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
         "device_name": ctx.device_name,
         "threads": ctx.threads,
         "dtype": ctx.dtype,
+        "runtime": ctx.runtime,  # what ran it: "onnxruntime 1.32.0 (CPUExecutionProvider)"
         "params": winner.get("params"),
         "macs": winner.get("macs"),
         "final_epochs": epochs,
@@ -293,7 +299,22 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
     }
     save_model(out / "best", model.cpu(), arch, num_classes=data.num_classes, in_chans=data.in_chans,
                extra={"accuracy": ev.accuracy, "latency_ms": winner["final_ms"]})
+    best["onnx"] = _export_onnx(model.cpu(), spec, out / "best" / "model.onnx", echo)
     return best
+
+
+def _export_onnx(model, spec: InputSpec, path: Path, echo) -> str | None:
+    """``best/model.onnx`` when the onnx extra is installed (checked against PyTorch); the file's name, or None."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnxscript") is None:
+        return None
+    try:
+        result = export_model(model, InputSpec(spec.batch, spec.channels, spec.height, spec.width), "onnx", path,
+                              measure=False)
+    except MixerNASError as exc:  # the winner stands; its ONNX file is a convenience
+        echo(f"best/model.onnx not written: {exc}")
+        return None
+    echo(f"exported {result}")
+    return path.name
 
 
 def pareto_front(rows, metric: str, budget_ms: float) -> list[dict[str, Any]]:

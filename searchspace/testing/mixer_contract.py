@@ -1,7 +1,8 @@
 """The contract every token mixer honours, as a pytest class to subclass.
 
 A mixer maps ``(B, C, H, W)`` to ``(B, C, H, W)`` at any height and width, lets gradients reach all of its
-trainable parameters, exports with ``torch.export``, is deterministic in eval mode, and keeps working after
+trainable parameters, exports with ``torch.export`` and to ONNX (run by ONNX Runtime, when the onnx extra is
+installed), is deterministic in eval mode, and keeps working after
 structured channel pruning removes half of the channels flowing through it.
 """
 
@@ -93,6 +94,18 @@ class MixerContract:
         exported = torch.export.export(mixer, (x,))
         with torch.no_grad():
             torch.testing.assert_close(exported.module()(x), mixer(x), rtol=1e-4, atol=1e-5)
+
+    def test_onnx_export_runs_in_onnxruntime(self, make, tmp_path):
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+        from ..runtimes import OnnxRuntime, export_onnx
+
+        mixer = make().eval()
+        x = torch.randn(1, self.dim, 7, 5)
+        session = OnnxRuntime().session(export_onnx(mixer, x, tmp_path / "mixer.onnx"), torch.device("cpu"), 1)
+        [got] = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(got), mixer(x), rtol=1e-4, atol=1e-4)
 
     def test_survives_half_channel_pruning(self, make):
         import torch_pruning as tp
