@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "deployment's count (default: 1 on the CPU, the most repeatable; training uses every core)")
     g.add_argument("--train-threads", type=int, default=None, help="CPU threads for training (default: torch's, "
                    "every core)")
+    cli.add_run_arguments(g)
     g.add_argument("--runtime", default="eager", metavar="NAME",
                    help="what runs the model where you deploy it, so the budget is judged there: eager, compile "
                         "(torch.compile), onnxruntime, openvino (pip install -e '.[onnx]' / '.[openvino]'), "
@@ -103,6 +104,12 @@ def _compress_winner(args, result, config) -> int:
         argv += ["--input-size", str(result.best["input_size"])]
     if result.best.get("threads"):
         argv += ["--threads", str(result.best["threads"])]
+    # the winner is compressed for the runtime and precision it was searched for
+    argv += ["--runtime", config.runtime, "--dtype", result.best["dtype"]]
+    if config.channels_last is not None:
+        argv.append("--channels-last" if config.channels_last else "--no-channels-last")
+    if config.cuda_graphs:
+        argv.append("--cuda-graphs")
     if args.quiet:
         argv.append("--quiet")
     print(f"\ncompressing the winner with {args.compress}")
@@ -121,7 +128,7 @@ def run_search(args: argparse.Namespace) -> int:
     config = SearchConfig(
         budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
         input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
-        runtime=args.runtime,
+        runtime=args.runtime, dtype=args.dtype, channels_last=args.channels_last, cuda_graphs=args.cuda_graphs,
         train_threads=args.train_threads, trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator,
         epochs=args.epochs, final_epochs=args.final_epochs, objective=args.objective, sampler=args.sampler,
         backend=args.backend, storage=args.storage,

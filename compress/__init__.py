@@ -145,8 +145,9 @@ def apply(recipe: Recipe | str | Path | Mapping[str, Any], model: nn.Module, dat
             report.steps.append(StepRecord(call.index, call.name, dict(call.params), seconds, dict(figures), after))
             log(f"{call.where} {call.name}: done in {seconds:.1f} s; {_figures(after)}")
         if side_by_side:
-            before, after = measure_many([model, ctx.model], input_spec, device=device, threads=threads,
-                                         **ctx.state["measure_options"].kwargs())
+            settings = ctx.state["measure_options"]
+            before, after = measure_many([model, ctx.model], settings.spec(input_spec), device=device,
+                                         threads=threads, **settings.kwargs())
             report.side_by_side = {"before_ms": before.value_ms, "after_ms": after.value_ms,
                                    "speedup": before.value_ms / after.value_ms, "before_spread": before.spread,
                                    "after_spread": after.spread, "context": str(after.context),

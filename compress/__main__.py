@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("latency measurement")
     g.add_argument("--rounds", type=int, default=10, help="interleaved rounds per measurement (default: 10)")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs before measuring (default: 10)")
+    cli.add_run_arguments(g)
     g.add_argument("--runtime", default="eager", metavar="NAME",
                    help="what runs the model when latency is measured (the measure and fit_budget steps too): eager, "
                         "compile, onnxruntime, openvino, tensorrt (default: eager PyTorch)")
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)  # validated whole before anything else is loaded
     device = str(resolve_device(args.device))
     get_runtime(args.runtime).check(device)  # installed and runs here, before any work
+    dtype, run = cli.run_options(args, device)
     model_path = Path(args.model).expanduser()
     if args.checkpoint is None and not model_path.is_dir():
         raise MixerNASError(f"--checkpoint is required with --model {args.model!r} (a name or arch.json has no "
@@ -174,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     compressed, report = apply(
         recipe, model, data, input_spec=spec, device=device, threads=args.threads,
         measure=MeasureOptions(warmup=args.warmup, rounds=args.rounds, target_round_ms=args.round_ms,
-                               runtime=args.runtime),
+                               runtime=args.runtime, dtype=dtype, run=run),
         step_latency=not args.no_step_latency, label=label, notes=loaded.notes + notes, log=log)
 
     extra = {"recipe": recipe.name, "input_size": data.input_size, "in_chans": data.in_chans,

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .errors import MixerNASError
+from .latency.measure import DTYPES, RunOptions, default_dtype
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -48,3 +49,27 @@ def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], in
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+# ------------------------------------------------------------------------------- how the model runs while timed
+
+
+def add_run_arguments(group: argparse._ActionsContainer) -> None:
+    """``--dtype``, ``--channels-last``, ``--cuda-graphs``, ``--cudnn-benchmark``: the same in every command that
+    measures latency (their defaults follow the device; see :class:`~searchspace.latency.measure.RunOptions`)."""
+    group.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                       help="precision latency is measured in (default: float16 on CUDA, float32 on the CPU)")
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels-last memory format while timed (default: on for CUDA, off on the CPU)")
+    group.add_argument("--cuda-graphs", action="store_true",
+                       help="CUDA: capture the forward pass once and time its replay, as a deployment that uses "
+                            "CUDA graphs runs it (batch-1 latency without kernel-launch overhead)")
+    group.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=None,
+                       help="CUDA: let cuDNN pick its fastest kernels during warm-up (default: on for CUDA)")
+
+
+def run_options(args: argparse.Namespace, device: str) -> tuple[str, RunOptions]:
+    """The dtype and :class:`RunOptions` that ``add_run_arguments``'s flags ask for on ``device``."""
+    options = RunOptions.for_device(device, channels_last=args.channels_last, cuda_graphs=args.cuda_graphs,
+                                    cudnn_benchmark=args.cudnn_benchmark)
+    return args.dtype or default_dtype(device), options

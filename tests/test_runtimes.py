@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import sys
 import time
 
 import pytest
 import torch
 
+import search
 import searchspace
+import searchspace.latency.__main__ as latency_cli
 from searchspace import Arch, Stage, build_model
 from searchspace.errors import MixerNASError, UnknownNameError
 from searchspace.latency import InputSpec, clock_for, cpu_timer, measure_latency, measure_many, thread_cpu_timer
+from searchspace.latency.measure import RunOptions, default_dtype
 from searchspace.latency.stats import MeasurementError
+from searchspace.latency.storage import table_key
 from searchspace.runtimes import (
     Eager,
     Prepared,
@@ -155,3 +160,40 @@ def test_torch_compile_compiles_before_timing_and_keeps_the_outputs():
 def test_autocast_belongs_to_pytorchs_own_runtimes():
     with pytest.raises(MeasurementError):
         measure_latency(tiny(), SPEC, threads=1, runtime="onnxruntime", autocast=True, **QUICK)
+
+
+# ------------------------------------------------------------------------------ run options (precision, GPU)
+
+
+def test_run_options_follow_the_device_and_refuse_gpu_settings_on_the_cpu():
+    assert RunOptions.for_device("cpu") == RunOptions() and default_dtype("cpu") == "float32"
+    assert RunOptions.for_device("cpu", channels_last=True).tags() == ("channels_last",)
+    with pytest.raises(MeasurementError, match="--cuda-graphs need a CUDA device; pass --device cuda"):
+        RunOptions.for_device("cpu", cuda_graphs=True)
+
+
+def test_run_options_and_the_runtime_are_part_of_the_table_key():
+    plain = table_key("cpu", SPEC, 1)
+    nhwc = table_key("cpu", SPEC, 1, options=RunOptions(channels_last=True))
+    assert nhwc.options == "channels_last" and plain.options == "" and nhwc.filename() != plain.filename()
+    assert plain.runtime == "eager" and plain.runtime_version == torch.__version__.split("+")[0]
+    with pytest.raises(RuntimeUnavailableError, match="does not run on cpu"):
+        table_key("cpu", SPEC, 1, "tensorrt")
+
+
+def test_the_latency_command_measures_in_the_precision_and_layout_asked_for(capsys):
+    argv = ["IdentityFormer-S12", "--input-size", "32", "--channels", "1", "--threads", "1", "--no-table",
+            "--dtype", "bfloat16", "--channels-last", "--rounds", "3", "--max-extra-rounds", "0", "--json"]
+    assert latency_cli.main(argv) == 0
+    context = json.loads(capsys.readouterr().out)["measured"]["context"]
+    assert context["dtype"] == "bfloat16" and "channels_last" in context["options"]
+    assert context["runtime"].startswith("eager ")
+
+
+def test_gpu_settings_on_the_cpu_are_one_line_in_every_command(tmp_path, capsys):
+    assert latency_cli.main(["IdentityFormer-S12", "--cuda-graphs", "--device", "cpu", "--no-table"]) == 2
+    assert search.main(["--latency-budget", "5ms", "--cuda-graphs", "--device", "cpu", "--out",
+                        str(tmp_path / "run"), "--quiet"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all("need a CUDA device" in e for e in errors)
+    assert not (tmp_path / "run").exists()

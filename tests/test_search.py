@@ -258,3 +258,29 @@ def test_a_search_on_onnxruntime_judges_the_budget_there_and_exports_the_winner(
     table = LatencyTable.open("cpu", InputSpec(channels=1, height=16, width=16), threads=1, num_classes=10,
                               runtime="onnxruntime")
     assert table.key.runtime == "onnxruntime" and table.path != search_table().path and len(table) > 0
+
+
+def test_a_candidate_the_runtime_cannot_run_is_a_failed_trial_with_the_reason(tmp_path, monkeypatch):
+    from searchspace import runtimes
+    from searchspace.mixers.attention import Attention
+
+    class NoAttention(runtimes.Eager):  # a runtime without an attention kernel
+        name = "no-attention"
+
+        def prepare(self, model, example, *, device, threads):
+            if any(isinstance(m, Attention) for m in model.modules()):
+                raise runtimes.RuntimeUnavailableError("runtime 'no-attention' cannot run attention")
+            return super().prepare(model, example, device=device, threads=threads)
+
+    monkeypatch.setattr(runtimes, "RUNTIMES", type(runtimes.RUNTIMES)("runtime"))
+    for rt in (runtimes.Eager(), NoAttention()):
+        runtimes.register_runtime(rt)
+    out = tmp_path / "run"
+    assert search.main(["--latency-budget", "50ms", "--trials", "8", "--out", str(out), "--baselines", "none",
+                        "--evaluator", "zero-cost", "--runtime", "no-attention", *FAST]) == 0
+    rows = read_trials(out)
+    failed = [r for r in rows if r["state"] == "failed"]
+    assert len(rows) == 8 and failed and len(failed) < 8
+    assert all("cannot run attention" in r["error"] and "attention" in r["arch"] for r in failed)
+    best = json.loads((out / "best.json").read_text())
+    assert "attention" not in best["summary"] and best["runtime"].startswith("no-attention ")

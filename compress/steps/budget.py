@@ -35,8 +35,9 @@ def measure_ms(model: nn.Module, ctx: StepContext) -> float:
         return float(override(model, ctx))
     from .measure import options  # the run's measurement settings (rounds, warm-up)
 
-    spec = ctx.input_spec or DEFAULT_INPUT
-    return measure_latency(model, spec, device=ctx.device, threads=ctx.threads, **options(ctx).kwargs()).value_ms
+    settings = options(ctx)
+    spec = settings.spec(ctx.input_spec or DEFAULT_INPUT)
+    return measure_latency(model, spec, device=ctx.device, threads=ctx.threads, **settings.kwargs()).value_ms
 
 
 def ratio_steps(step_ratio: float, max_ratio: float) -> list[float]:

@@ -15,6 +15,9 @@ from typing import Any
 
 from torch import nn
 
+from searchspace.latency import InputSpec
+from searchspace.latency.measure import RunOptions
+
 from . import Param, StepContext, register_step
 
 
@@ -27,10 +30,16 @@ class MeasureOptions:
     target_round_ms: float = 20.0  # a round lasts about this long (sets the runs per round)
     max_extra_rounds: int = 40  # more rounds while the 95% interval is wider than +-2%, at most this many
     runtime: str = "eager"  # what runs the model (searchspace.runtimes): the budget is judged where it deploys
+    dtype: str | None = None  # precision of the timed model; None = the input spec's
+    run: RunOptions = RunOptions()  # channels-last, CUDA graphs, cuDNN benchmark
 
     def kwargs(self) -> dict[str, Any]:
         return {"warmup": self.warmup, "rounds": self.rounds, "target_round_ms": self.target_round_ms,
-                "max_extra_rounds": self.max_extra_rounds, "runtime": self.runtime}
+                "max_extra_rounds": self.max_extra_rounds, "runtime": self.runtime, **self.run.kwargs()}
+
+    def spec(self, spec: InputSpec) -> InputSpec:
+        """The input latency is measured on: ``spec`` in this precision."""
+        return spec if self.dtype is None else dataclasses.replace(spec, dtype=self.dtype)
 
 
 def options(ctx: StepContext) -> MeasureOptions:
@@ -47,8 +56,9 @@ def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, a
     spec = ctx.input_spec
     figures: dict[str, Any] = {"params": count_params(model), "macs": count_macs(model, spec)}
     if latency:
-        result = measure_latency(model, spec, device=ctx.device, threads=ctx.threads,
-                                 **(settings or options(ctx)).kwargs())
+        settings = settings or options(ctx)
+        result = measure_latency(model, settings.spec(spec), device=ctx.device, threads=ctx.threads,
+                                 **settings.kwargs())
         figures.update(latency_ms=result.value_ms, latency_spread=result.spread,
                        latency_context=str(result.context))
     if accuracy and ctx.data is not None:

@@ -25,7 +25,7 @@ from .. import cli
 from ..errors import MixerNASError
 from ..runtimes import get_runtime, runtime_names
 from .counting import count_params_macs
-from .measure import DTYPES, InputSpec, clock_for, measure_latency, thread_cpu_timer
+from .measure import InputSpec, clock_for, measure_latency, thread_cpu_timer
 from .table import CALIBRATION_MODELS
 
 DESCRIPTION = """\
@@ -56,7 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads while measuring (default: torch's current count; 1 gives the "
                         "steadiest numbers on a small shared CPU)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="compute precision (default: float32)")
     p.add_argument("--rounds", type=int, default=10, help="rounds before the interval is checked (default: 10)")
     p.add_argument("--tolerance", type=float, default=0.02,
                    help="half-width of the 95%% interval to reach, as a fraction (default: 0.02 = +-2%%)")
@@ -91,6 +90,7 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"what runs the model: {', '.join(runtime_names())} (default: eager PyTorch). onnxruntime "
                         f"and openvino need the extras of the same name (pip install -e '.[onnx]' / "
                         f"'.[openvino]'); tensorrt needs --device cuda. Each runtime has its own lookup table")
+    cli.add_run_arguments(p)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     from .budget import format_ms
 
     height, width = parse_size(args.input_size)
-    spec = InputSpec(batch=args.batch_size, channels=args.channels, height=height, width=width, dtype=args.dtype)
+    dtype, options = cli.run_options(args, args.device)
+    spec = InputSpec(batch=args.batch_size, channels=args.channels, height=height, width=width, dtype=dtype)
     arch = resolve_arch(args.arch)
     if isinstance(args.num_classes, bool) or args.num_classes < 0:
         raise MixerNASError(f"--num-classes must be >= 0, got {args.num_classes}")
@@ -133,13 +134,14 @@ def run(args: argparse.Namespace) -> int:
 
         # opened first: the measurement is corrected by the same reference anchor as the table's entries
         table = LatencyTable.open(args.device, spec, threads=args.threads, cache_dir=args.cache_dir,
-                                  rebuild=args.rebuild_table, num_classes=args.num_classes, runtime=runtime.name)
+                                  rebuild=args.rebuild_table, num_classes=args.num_classes, runtime=runtime.name,
+                                  options=options)
         if not args.no_reference:
             reference = table.reference() or False
     result = measure_latency(model, spec, device=args.device, threads=args.threads, warmup=args.warmup,
                              rounds=args.rounds, target_round_ms=args.round_ms, timer=timer,
                              tolerance=args.tolerance, max_extra_rounds=args.max_extra_rounds, reference=reference,
-                             runtime=runtime)
+                             runtime=runtime, **options.kwargs())
     counts = count_params_macs(model, spec)
     prediction = table.predict(arch) if table is not None else None
 
@@ -214,7 +216,8 @@ def run_build(args: argparse.Namespace) -> int:
     from .table import LatencyTable, sample_archs
 
     height, width = parse_size(args.input_size)
-    spec = InputSpec(batch=args.batch_size, channels=args.channels, height=height, width=width)
+    dtype, options = cli.run_options(args, args.device)
+    spec = InputSpec(batch=args.batch_size, channels=args.channels, height=height, width=width, dtype=dtype)
     for name in ("models", "check"):
         if getattr(args, name) < 0:
             raise MixerNASError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -226,7 +229,7 @@ def run_build(args: argparse.Namespace) -> int:
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     start = time.perf_counter()
     table = LatencyTable.open(args.device, spec, threads=threads, cache_dir=args.cache_dir, rebuild=args.rebuild,
-                              num_classes=args.num_classes, runtime=args.runtime)
+                              num_classes=args.num_classes, runtime=args.runtime, options=options)
     before = len(table)
     try:
         table.build_for_space(space)

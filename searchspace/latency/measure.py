@@ -119,6 +119,52 @@ DEFAULT_INPUT = InputSpec()  # one 224x224 RGB image, float32
 
 
 @dataclass(frozen=True)
+class RunOptions:
+    """How a model runs while it is timed, beyond the device, threads, input (its dtype included) and runtime: what
+    a GPU deployment sets. ``for_device`` gives the defaults a user of that device expects; the search, the
+    latency CLI, the table (part of its key) and compress all pass these through."""
+
+    channels_last: bool = False  # channels-last memory format (NHWC in memory; faster convolutions on GPUs)
+    cuda_graphs: bool = False  # capture the forward pass once and time graph.replay() (no launch overhead)
+    cudnn_benchmark: bool = False  # let cuDNN try its kernels during warm-up and keep the fastest
+
+    @classmethod
+    def for_device(cls, device: torch.device | str, *, channels_last: bool | None = None, cuda_graphs: bool = False,
+                   cudnn_benchmark: bool | None = None) -> RunOptions:
+        """The options for ``device``; None = its default. On CUDA: channels-last and cuDNN benchmark on (how a GPU
+        model is deployed), CUDA graphs only when asked. On the CPU: all off."""
+        gpu = resolve_device(device).type == "cuda"
+        options = cls(channels_last=gpu if channels_last is None else bool(channels_last),
+                      cuda_graphs=bool(cuda_graphs), cudnn_benchmark=gpu if cudnn_benchmark is None else
+                      bool(cudnn_benchmark))
+        options.check(device)
+        return options
+
+    def check(self, device: torch.device | str) -> None:
+        """Raise :class:`MeasurementError` (one line, the fix) for options this device cannot take."""
+        if resolve_device(device).type != "cuda":
+            wrong = [flag for flag, on in (("--cuda-graphs", self.cuda_graphs),
+                                           ("--cudnn-benchmark", self.cudnn_benchmark)) if on]
+            if wrong:
+                raise MeasurementError(f"{' and '.join(wrong)} need a CUDA device; pass --device cuda or leave "
+                                       f"them out")
+
+    def tags(self) -> tuple[str, ...]:
+        """The options that are on, by name (part of a lookup table's key)."""
+        return tuple(name for name in ("channels_last", "cuda_graphs", "cudnn_benchmark") if getattr(self, name))
+
+    def kwargs(self) -> dict[str, bool]:
+        """The keyword arguments of :func:`measure_many`."""
+        return {"channels_last": self.channels_last, "cuda_graphs": self.cuda_graphs,
+                "cudnn_benchmark": self.cudnn_benchmark}
+
+
+def default_dtype(device: torch.device | str) -> str:
+    """The precision a model is deployed in on ``device``: float16 on CUDA, float32 on the CPU."""
+    return "float16" if resolve_device(device).type == "cuda" else "float32"
+
+
+@dataclass(frozen=True)
 class LatencyContext:
     """Where and how a latency was measured; a number without this is not comparable to another."""
 

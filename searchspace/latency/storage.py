@@ -16,7 +16,7 @@ from ..arch import Arch
 from ..errors import MixerNASError
 from ..runtimes import Runtime, get_runtime
 from .cache import digest
-from .measure import InputSpec, MeasurementError, device_name, resolve_device
+from .measure import InputSpec, MeasurementError, RunOptions, device_name, resolve_device
 from .parts import Part, part_from_dict, part_to_dict
 from .predictor import IDENTITY, Calibration
 
@@ -42,6 +42,7 @@ class TableKey:
     dtype: str
     runtime: str = "eager"  # what runs the parts and models (searchspace.runtimes), and its version
     runtime_version: str = ""
+    options: str = ""  # the RunOptions that are on, "+"-joined: "channels_last+cudnn_benchmark"
 
     def filename(self) -> str:
         size = f"{self.height}x{self.width}-b{self.batch}-{self.dtype}"
@@ -52,8 +53,8 @@ class TableKey:
         return InputSpec(self.batch, self.channels, self.height, self.width, self.dtype)
 
 
-def table_key(device: str, input_spec: InputSpec, threads: int | None, runtime: str | Runtime | None = None
-              ) -> TableKey:
+def table_key(device: str, input_spec: InputSpec, threads: int | None, runtime: str | Runtime | None = None,
+              options: RunOptions | None = None) -> TableKey:
     """The key of the table for these settings (device fingerprint, threads, torch version, input, runtime and
     its version); a runtime that is missing or does not run on ``device`` raises here."""
     if not isinstance(input_spec, InputSpec) or input_spec.layout != "nchw":
@@ -66,7 +67,8 @@ def table_key(device: str, input_spec: InputSpec, threads: int | None, runtime: 
                     threads=threads if threads is not None else torch.get_num_threads(),
                     torch_version=torch.__version__.split("+")[0], batch=input_spec.batch,
                     channels=input_spec.channels, height=input_spec.height, width=input_spec.width,
-                    dtype=input_spec.dtype, runtime=info.name, runtime_version=info.version)
+                    dtype=input_spec.dtype, runtime=info.name, runtime_version=info.version,
+                    options="+".join((options or RunOptions()).tags()))
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from .measure import (
     DEFAULT_INPUT,
     InputSpec,
     MeasurementError,
+    RunOptions,
     clock_for,
     clock_name,
     measure_many,
@@ -234,6 +235,7 @@ class LatencyTable:
         self._reference: _reference.Reference | None = None
         self._calm_drift = math.inf  # the lowest reference drift seen beside a batch of parts (a calm machine)
         self.level_scales: list[float] = []  # the factor each batch measured here was scaled by (yardsticks)
+        self.run_options = RunOptions()  # how parts and models run while timed (open() sets it)
 
     # ----------------------------------------------------------------------------------------------- opening
 
@@ -241,7 +243,8 @@ class LatencyTable:
     def open(cls, device: str = "cpu", input_spec: InputSpec = DEFAULT_INPUT, *, threads: int | None = None,
              cache_dir: str | Path | None = None, rebuild: bool = False, measure: MeasureParts | None = None,
              measure_models: MeasureModels | None = None, protocol: PartProtocol = PartProtocol(),
-             num_classes: int = 1000, runtime: str | None = None) -> LatencyTable:
+             num_classes: int = 1000, runtime: str | None = None, options: RunOptions | None = None
+             ) -> LatencyTable:
         """The table for ``device`` and ``input_spec``, read from the cache (``rebuild=True`` empties it first).
 
         Args:
@@ -256,10 +259,15 @@ class LatencyTable:
             num_classes: classifier size used for the head part.
             runtime: what runs the parts and models (:mod:`searchspace.runtimes`; None = eager). Each runtime
                 has its own table and calibration: fused runtimes do not add up like eager PyTorch.
+            options: channels-last, CUDA graphs, cuDNN benchmark (:class:`~.measure.RunOptions`; the dtype is the
+                input spec's); part of the key.
         """
-        key = table_key(device, input_spec, threads, runtime)
+        options = options or RunOptions()
+        options.check(device)
+        key = table_key(device, input_spec, threads, runtime, options)
         table = cls(key, latency_dir(cache_dir) / key.filename(), device=device, measure=measure,
                     measure_models=measure_models, protocol=protocol, num_classes=num_classes, cache_dir=cache_dir)
+        table.run_options = options
         if rebuild:
             with locked(table.path):
                 write_table(table.path, key, TableData(), protocol)
@@ -437,7 +445,7 @@ class LatencyTable:
 
         def attempt() -> list[Any]:
             return measure_many(modules, specs, device=self.device, threads=self.key.threads, runtime=self.key.runtime,
-                                warmup=p.warmup,
+                                **self.run_options.kwargs(), warmup=p.warmup,
                                 rounds=p.rounds, target_round_ms=p.target_round_ms, tolerance=p.tolerance,
                                 max_extra_rounds=p.max_extra_rounds, timer=timer, reference=reference or False)
 
@@ -460,7 +468,7 @@ class LatencyTable:
         # built as the parts describe them: this table's classes and input channels
         models = [build_model(a, num_classes=self.num_classes, in_chans=self.key.channels) for a in archs]
         results = measure_many(models, self.key.input_spec, device=self.device, threads=self.key.threads,
-                               runtime=self.key.runtime,
+                               runtime=self.key.runtime, **self.run_options.kwargs(),
                                timer=timer, reference=self.reference() or False)
         return [r.value_ms for r in results]
 

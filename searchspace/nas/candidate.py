@@ -18,6 +18,7 @@ import torch
 from ..arch import Arch
 from ..evaluators import TrialPruned
 from ..latency import InputSpec, clock_for, count_params_macs, measure_latency
+from ..latency.measure import RunOptions
 
 # A candidate predicted this much over the budget is screened out unmeasured. The table's error is a few percent;
 # the margin keeps borderline candidates, which are then judged on measured latency.
@@ -64,7 +65,8 @@ class CandidateRunner:
     """Evaluates candidates under a latency budget on one device; see the module docstring."""
 
     def __init__(self, *, budget_ms: float, predictor, evaluator, data, input_spec: InputSpec, device: str,
-                 threads: int | None, measure_rounds: int = 10, runtime: str = "eager"):
+                 threads: int | None, measure_rounds: int = 10, runtime: str = "eager",
+                 options: RunOptions | None = None):
         self.budget_ms = budget_ms
         self.predictor = predictor  # .predict(arch).total_ms (and .observe(arch, ms)), or None to measure everything
         self.evaluator = evaluator
@@ -74,6 +76,7 @@ class CandidateRunner:
         self.threads = threads
         self.measure_rounds = measure_rounds
         self.runtime = runtime  # what runs the candidates when their latency is measured (searchspace.runtimes)
+        self.options = options or RunOptions()  # channels-last, CUDA graphs, cuDNN benchmark
 
     def predict(self, arch: Arch) -> float | None:
         return None if self.predictor is None else float(self.predictor.predict(arch).total_ms)
@@ -87,7 +90,8 @@ class CandidateRunner:
         """A robust measurement of a candidate (reference-corrected on the CPU, to +-2% where the machine allows);
         finalists are measured again side by side."""
         return measure_latency(model, self.input_spec, device=self.device, threads=self.threads,
-                               rounds=self.measure_rounds, warmup=5, timer=self.timer, runtime=self.runtime)
+                               rounds=self.measure_rounds, warmup=5, timer=self.timer, runtime=self.runtime,
+                               **self.options.kwargs())
 
     def observe(self, arch: Arch, measured_ms: float) -> None:
         """Give a whole-model measurement to the latency table, which refits its prediction on it."""

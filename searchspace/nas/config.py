@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import MixerNASError
 from ..latency.budget import format_ms
+from ..latency.measure import DTYPES
 from ..runtimes import get_runtime
 
 EVALUATORS = ("train", "zero-cost")
@@ -21,7 +22,7 @@ BACKENDS = ("optuna", "ray", "nni")
 # Settings that define *what* is searched: a results folder holds one such search; the others (trials,
 # timeout, workers, ...) may change between runs that resume it.
 IDENTITY_FIELDS = ("budget_ms", "space", "data", "input_size", "batch_size", "evaluator", "epochs", "objective",
-                   "sampler", "seed", "device", "runtime")
+                   "sampler", "seed", "device", "runtime", "dtype", "channels_last", "cuda_graphs")
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class SearchConfig:
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:N"
     threads: int | None = None  # threads latency is measured with; None = 1 on the CPU (training uses all cores)
     runtime: str = "eager"  # what runs the candidates when latency is measured (searchspace.runtimes)
+    dtype: str | None = None  # precision latency is measured in; None = float16 on CUDA, float32 on the CPU
+    channels_last: bool | None = None  # None = on for CUDA, off on the CPU
+    cuda_graphs: bool = False  # CUDA: time the replay of a captured graph (batch-1 latency without launch cost)
     train_threads: int | None = None  # CPU threads for training; None = torch's default (every core)
     trials: int = 100  # trials to run in total (a resumed search runs only the missing ones); the timeout
     # usually ends the default search first: 40 trials took 156 s on an idle 2-core CPU, 12 took 447 s on a busy one
@@ -63,6 +67,8 @@ class SearchConfig:
             if getattr(self, name) not in choices:
                 raise MixerNASError(f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(choices)}")
         get_runtime(self.runtime)  # an unknown name is one line naming the close ones
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise MixerNASError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         for name in ("trials", "batch_size", "workers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

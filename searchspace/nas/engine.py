@@ -16,6 +16,7 @@ from ..arch import Arch
 from ..errors import MixerNASError
 from ..export import export_model
 from ..latency import InputSpec, format_ms, measure_many
+from ..latency.measure import RunOptions, default_dtype
 from ..runtimes import get_runtime
 from ..space import get_space
 from . import plots
@@ -89,11 +90,12 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     # repeatable figure on a shared machine; pass --threads to match your deployment).
     threads = config.threads or (1 if device == "cpu" else None)
     get_runtime(config.runtime).check(device)  # installed and runs on this device, before any folder is written
+    options = RunOptions.for_device(device, channels_last=config.channels_last, cuda_graphs=config.cuda_graphs)
     from ..data import load_data
 
     data = load_data(config.data, input_size=config.input_size, seed=config.seed)
     spec = InputSpec(batch=config.batch_size, channels=data.in_chans, height=data.input_size,
-                     width=data.input_size)
+                     width=data.input_size, dtype=config.dtype or default_dtype(device))
     space = get_space(config.space)
     # written once the device, data and space are known to be good, so bad input leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
@@ -102,10 +104,12 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
          f"{format_ms(config.budget_ms)} on {device} ({config.runtime}) at {data.input_size}x{data.input_size}, batch "
          f"{config.batch_size}; data: {data.describe()}; results in {out}")
 
-    predictor = _latency_table(space, spec, device, threads, data.num_classes, progress, echo, config.runtime)
+    predictor = _latency_table(space, spec, device, threads, data.num_classes, progress, echo, config.runtime,
+                               options)
     evaluator = make_evaluator(config, device)
     runner = CandidateRunner(budget_ms=config.budget_ms, predictor=predictor, evaluator=evaluator, data=data,
-                             input_spec=spec, device=device, threads=threads, runtime=config.runtime)
+                             input_spec=spec, device=device, threads=threads, runtime=config.runtime,
+                             options=options)
 
     if config.backend == "optuna":
         from .optuna_backend import run_study
@@ -156,14 +160,14 @@ def make_evaluator(config: SearchConfig, device: str):
 
 
 def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num_classes: int, progress: bool,
-                   echo, runtime: str = "eager"):
+                   echo, runtime: str = "eager", options: RunOptions | None = None):
     """The device's lookup table, calibrated on a few whole models when it is new to this device and input (with
     its held-out accuracy printed, so the user knows what its screening is worth); parts a candidate needs are
     measured on first use and cached, and every candidate measured refines the calibration."""
     from ..latency.table import LatencyTable
 
     table = LatencyTable.open(device=device, input_spec=spec, threads=threads, num_classes=num_classes,
-                              runtime=runtime)
+                              runtime=runtime, options=options)
     echo(f"latency table: {len(table)} parts and {len(table.observations)} whole models cached for this device "
          f"and input ({table.path})")
     try:
@@ -199,7 +203,7 @@ def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float,
     archs = [Arch.from_json(r["arch"]) for r in finalists]
     models = [arch_model(a, runner.data) for a in archs]
     results = measure_many(models, runner.input_spec, device=runner.device, threads=runner.threads,
-                           timer=runner.timer, runtime=runner.runtime)
+                           timer=runner.timer, runtime=runner.runtime, **runner.options.kwargs())
     for r, m in zip(finalists, results):
         r["final_ms"], r["final_spread"], r["context"] = m.value_ms, m.spread, m.context
         r["final_interval_ms"], r["final_precision"] = [m.ci_low_ms, m.ci_high_ms], m.precision

@@ -1,6 +1,8 @@
-"""OpenVINO: the model exported by ``torch.export``, converted by ``openvino.convert_model``, compiled for the CPU."""
+"""OpenVINO: the model converted by ``openvino.convert_model`` and compiled for the CPU."""
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
@@ -25,17 +27,38 @@ class OpenVino(Runtime):
 
     def prepare(self, model: nn.Module, example: torch.Tensor, *, device: torch.device, threads: int) -> Prepared:
         ov = self.module("openvino")
+        converted = self._convert(ov, model, example)
         try:
-            with torch.inference_mode(False), torch.no_grad():
-                converted = ov.convert_model(torch.export.export(model, (example.clone(),)))
-            core = ov.Core()
-            compiled = core.compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                             "PERFORMANCE_HINT": "LATENCY"})
-        except Exception as exc:  # noqa: BLE001 - a conversion failure is the model's, reported in one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise RuntimeUnavailableError(f"OpenVINO could not convert or compile the model: {type(exc).__name__}: "
-                                          f"{first}") from exc
+            compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                                  "PERFORMANCE_HINT": "LATENCY"})
+        except Exception as exc:  # noqa: BLE001 - a compile failure is the model's, reported in one line
+            raise RuntimeUnavailableError(f"OpenVINO could not compile the model: {_first_line(exc)}") from exc
         request = compiled.create_infer_request()
         x = numpy_input(example)
         info = RuntimeInfo(self.name, self.version(), "CPU")
         return Prepared(lambda: request.infer({0: x}), info, owner=(compiled, request))
+
+    @staticmethod
+    def _convert(ov, model: nn.Module, example: torch.Tensor):
+        """OpenVINO's PyTorch frontend on the traced model; on a ``torch.export`` program where tracing fails.
+        (Its ``torch.export`` frontend lacks ops the random and GPSA mixers use; tracing converts every mixer.)"""
+        problems = []
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracing's deprecation and tracer warnings
+            x = example.clone()
+            for how in ("trace", "export"):
+                try:
+                    if how == "trace":
+                        return ov.convert_model(model, example_input=x)
+                    return ov.convert_model(torch.export.export(model, (x,)))
+                except Exception as exc:  # noqa: BLE001 - try the other path, then report both
+                    problems.append(f"{how}: {_first_line(exc)}")
+        raise RuntimeUnavailableError(f"OpenVINO could not convert the model ({'; '.join(problems)})")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    unconverted = text.find("No conversion rule")  # OpenVINO's report names the ops it lacks deep in the text
+    if unconverted >= 0:
+        return text[unconverted:].splitlines()[0]
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
