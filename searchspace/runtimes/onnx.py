@@ -31,6 +31,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
             example = example.clone()  # a normal tensor, even when made in inference mode
+            model(example)  # fills derived caches (the random mixer's matrix) so the graph holds them as constants
             program = torch.onnx.export(model, (example,), dynamo=True, verbose=False)
             program.save(str(path), external_data=False)
     except RuntimeUnavailableError:

@@ -46,6 +46,7 @@ class OpenVino(Runtime):
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # tracing's deprecation and tracer warnings
             x = example.clone()
+            model(x)  # fills derived caches (the random mixer's matrix) so the graph holds them as constants
             for how in ("trace", "export"):
                 try:
                     if how == "trace":
