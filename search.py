@@ -40,10 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-threads", type=int, default=None, help="CPU threads for training (default: torch's, "
                    "every core)")
     cli.add_run_arguments(g)
-    g.add_argument("--runtime", default="eager", metavar="NAME",
-                   help="what runs the model where you deploy it, so the budget is judged there: eager, compile "
-                        "(torch.compile), onnxruntime, openvino (pip install -e '.[onnx]' / '.[openvino]'), "
-                        "tensorrt (CUDA) (default: eager PyTorch)")
     g = p.add_argument_group("data and evaluation")
     g.add_argument("--data", default=None, metavar="DIR",
                    help="image folder, one sub-folder per class, split reproducibly (default: built-in digits)")
@@ -110,6 +106,8 @@ def _compress_winner(args, result, config) -> int:
         argv.append("--channels-last" if config.channels_last else "--no-channels-last")
     if config.cuda_graphs:
         argv.append("--cuda-graphs")
+    if config.cudnn_benchmark is not None:
+        argv.append("--cudnn-benchmark" if config.cudnn_benchmark else "--no-cudnn-benchmark")
     if args.quiet:
         argv.append("--quiet")
     print(f"\ncompressing the winner with {args.compress}")
@@ -129,6 +127,7 @@ def run_search(args: argparse.Namespace) -> int:
         budget_ms=parse_budget(args.latency_budget), space=args.space, data=args.data,
         input_size=args.input_size, batch_size=args.batch_size, device=args.device, threads=args.threads,
         runtime=args.runtime, dtype=args.dtype, channels_last=args.channels_last, cuda_graphs=args.cuda_graphs,
+        cudnn_benchmark=args.cudnn_benchmark,
         train_threads=args.train_threads, trials=args.trials, timeout_s=args.timeout, evaluator=args.evaluator,
         epochs=args.epochs, final_epochs=args.final_epochs, objective=args.objective, sampler=args.sampler,
         backend=args.backend, storage=args.storage,

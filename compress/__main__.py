@@ -71,10 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("latency measurement")
     g.add_argument("--rounds", type=int, default=10, help="interleaved rounds per measurement (default: 10)")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs before measuring (default: 10)")
-    cli.add_run_arguments(g)
-    g.add_argument("--runtime", default="eager", metavar="NAME",
-                   help="what runs the model when latency is measured (the measure and fit_budget steps too): eager, "
-                        "compile, onnxruntime, openvino, tensorrt (default: eager PyTorch)")
+    cli.add_run_arguments(g)  # --runtime reaches the measure and fit_budget steps too
     g.add_argument("--round-ms", type=float, default=20.0,
                    help="target length of one round in milliseconds; sets the runs per round (default: 20)")
     g.add_argument("--no-step-latency", action="store_true",

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from searchspace.errors import MixerNASError
+from searchspace.errors import MixerNASError, first_line
 
 from . import saving
 
@@ -101,7 +101,8 @@ def read_state_dict(path: str | Path, *, use_ema: bool = False) -> dict[str, tor
         raise CheckpointError(f"cannot read checkpoint {str(path)!r} as plain tensors ({' '.join(detail.split())}); "
                               f"nothing in it was run. Is it a PyTorch checkpoint?") from None
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {_first_line(exc)}") from None
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: "
+                              f"{first_line(exc) or type(exc).__name__}") from None
     return unwrap_state_dict(obj, source=str(path), use_ema=use_ema)
 
 
@@ -112,11 +113,6 @@ def _unsafe_globals(path: Path, exc: Exception) -> str:
         with contextlib.suppress(Exception):
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
     return ", ".join(dict.fromkeys(names))
-
-
-def _first_line(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def unwrap_state_dict(obj: Any, *, source: str = "checkpoint", use_ema: bool = False) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from .errors import MixerNASError
 from .latency.measure import DTYPES, RunOptions, default_dtype
+from .runtimes import runtime_names
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -55,8 +56,14 @@ def main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], in
 
 
 def add_run_arguments(group: argparse._ActionsContainer) -> None:
-    """``--dtype``, ``--channels-last``, ``--cuda-graphs``, ``--cudnn-benchmark``: the same in every command that
-    measures latency (their defaults follow the device; see :class:`~searchspace.latency.measure.RunOptions`)."""
+    """``--runtime``, ``--dtype``, ``--channels-last``, ``--cuda-graphs``, ``--cudnn-benchmark``: the same in every
+    command that measures latency (their defaults follow the device; see
+    :class:`~searchspace.latency.measure.RunOptions`)."""
+    group.add_argument("--runtime", default="eager", metavar="NAME",
+                       help=f"what runs the model where you deploy it, so latency is judged there: "
+                            f"{', '.join(runtime_names())} (default: eager PyTorch). onnxruntime and openvino need "
+                            f"the extras (pip install -e '.[onnx]' / '.[openvino]'); tensorrt needs --device cuda. "
+                            f"Each runtime has its own lookup table")
     group.add_argument("--dtype", default=None, choices=sorted(DTYPES),
                        help="precision latency is measured in (default: float16 on CUDA, float32 on the CPU)")
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,

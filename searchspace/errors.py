@@ -10,6 +10,11 @@ import difflib
 from collections.abc import Iterable
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message ("" if it has none): long library errors in one line."""
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+
+
 class MixerNASError(Exception):
     """Base class of the errors caused by input (names, architectures, budgets, files)."""
 

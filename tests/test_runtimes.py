@@ -194,6 +194,8 @@ def test_gpu_settings_on_the_cpu_are_one_line_in_every_command(tmp_path, capsys)
     assert latency_cli.main(["IdentityFormer-S12", "--cuda-graphs", "--device", "cpu", "--no-table"]) == 2
     assert search.main(["--latency-budget", "5ms", "--cuda-graphs", "--device", "cpu", "--out",
                         str(tmp_path / "run"), "--quiet"]) == 2
+    assert search.main(["--latency-budget", "5ms", "--cudnn-benchmark", "--device", "cpu", "--out",
+                        str(tmp_path / "run"), "--quiet"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all("need a CUDA device" in e for e in errors)
+    assert len(errors) == 3 and all("need a CUDA device" in e for e in errors)
     assert not (tmp_path / "run").exists()

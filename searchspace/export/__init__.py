@@ -15,7 +15,6 @@ From the shell: ``python -m searchspace.export runs/default-5ms --format onnx --
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_write_bytes
-from ..errors import MixerNASError
+from ..errors import MixerNASError, first_line
 from ..latency import InputSpec, LatencyResult, measure_latency
 from ..runtimes import OnnxRuntime, RuntimeUnavailableError, export_onnx
 
@@ -111,12 +110,8 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> list[n
         torch.export.save(program, str(path))
         loaded = torch.export.load(str(path))
     except Exception as exc:  # noqa: BLE001 - an export failure is the model's, reported in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RuntimeUnavailableError(f"torch.export could not export the model: {type(exc).__name__}: {first}"
-                                      ) from exc
+        raise RuntimeUnavailableError(f"torch.export could not export the model: {type(exc).__name__}: "
+                                      f"{first_line(exc)}") from exc
     with torch.no_grad():
         return _flat(loaded.module()(example))
 
-
-def default_out(format: str, name: str = "model") -> str:
-    return os.path.join(".", name + SUFFIX[format])

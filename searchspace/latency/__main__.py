@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from .. import cli
 from ..errors import MixerNASError
-from ..runtimes import get_runtime, runtime_names
+from ..runtimes import get_runtime
 from .counting import count_params_macs
 from .measure import InputSpec, clock_for, measure_latency, thread_cpu_timer
 from .table import CALIBRATION_MODELS
@@ -86,10 +86,6 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
                    help="image size in pixels, square (224) or height x width (256x192) (default: 224)")
     p.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default: 1)")
     p.add_argument("--channels", type=int, default=3, help="input channels (default: 3; the digits have 1)")
-    p.add_argument("--runtime", default="eager", metavar="NAME",
-                   help=f"what runs the model: {', '.join(runtime_names())} (default: eager PyTorch). onnxruntime "
-                        f"and openvino need the extras of the same name (pip install -e '.[onnx]' / "
-                        f"'.[openvino]'); tensorrt needs --device cuda. Each runtime has its own lookup table")
     cli.add_run_arguments(p)
 
 

@@ -292,10 +292,14 @@ def clock_for(device: torch.device | str, threads: int | None, clock: str = "aut
         return None
     rt = get_runtime(runtime)
     if clock == "thread" and not rt.thread_clock:
-        raise MeasurementError(f"runtime {rt.name!r} computes on threads of its own, which the thread clock does not "
-                               f"see; use the wall clock")
+        raise _not_on_the_thread_clock(rt)
     return thread_cpu_timer if rt.thread_clock and (clock == "thread" or (clock == "auto" and threads == 1)) \
         else cpu_timer
+
+
+def _not_on_the_thread_clock(rt: Runtime) -> MeasurementError:
+    return MeasurementError(f"runtime {rt.name!r} computes on threads of its own, which the thread clock does not "
+                            f"see; use the wall clock (clock_for picks it)")
 
 
 # The thread clock must see most of an inference's wall time; below this share the work runs on other threads
@@ -654,8 +658,7 @@ def measure_many(
         raise MeasurementError(f"autocast applies to PyTorch's runtimes (eager, compile), not {rt.name!r}; pass a "
                                f"float16 or bfloat16 input without autocast")
     if timer is thread_cpu_timer and not rt.thread_clock:
-        raise MeasurementError(f"runtime {rt.name!r} computes on threads of its own, which the thread clock does not "
-                               f"see; use the wall clock (clock_for picks it)")
+        raise _not_on_the_thread_clock(rt)
     if rt.exclusive and len(models) > 1:  # one at a time (see the runtime)
         return [measure_many([m], s, device=device, threads=threads, warmup=warmup, rounds=rounds,
                              runs_per_round=runs_per_round, tolerance=tolerance, max_extra_rounds=max_extra_rounds,

@@ -222,7 +222,7 @@ class LatencyTable:
 
     def __init__(self, key: TableKey, path: Path, *, device: str = "cpu", measure: MeasureParts | None = None,
                  measure_models: MeasureModels | None = None, protocol: PartProtocol = PartProtocol(),
-                 num_classes: int = 1000, cache_dir: str | Path | None = None):
+                 num_classes: int = 1000, cache_dir: str | Path | None = None, options: RunOptions | None = None):
         self.key, self.path, self.device = key, Path(path), device
         self.protocol = protocol
         self.num_classes = num_classes
@@ -235,7 +235,7 @@ class LatencyTable:
         self._reference: _reference.Reference | None = None
         self._calm_drift = math.inf  # the lowest reference drift seen beside a batch of parts (a calm machine)
         self.level_scales: list[float] = []  # the factor each batch measured here was scaled by (yardsticks)
-        self.run_options = RunOptions()  # how parts and models run while timed (open() sets it)
+        self.run_options = options or RunOptions()  # how parts and models run while timed (part of the key)
 
     # ----------------------------------------------------------------------------------------------- opening
 
@@ -266,8 +266,8 @@ class LatencyTable:
         options.check(device)
         key = table_key(device, input_spec, threads, runtime, options)
         table = cls(key, latency_dir(cache_dir) / key.filename(), device=device, measure=measure,
-                    measure_models=measure_models, protocol=protocol, num_classes=num_classes, cache_dir=cache_dir)
-        table.run_options = options
+                    measure_models=measure_models, protocol=protocol, num_classes=num_classes, cache_dir=cache_dir,
+                    options=options)
         if rebuild:
             with locked(table.path):
                 write_table(table.path, key, TableData(), protocol)

@@ -22,7 +22,8 @@ BACKENDS = ("optuna", "ray", "nni")
 # Settings that define *what* is searched: a results folder holds one such search; the others (trials,
 # timeout, workers, ...) may change between runs that resume it.
 IDENTITY_FIELDS = ("budget_ms", "space", "data", "input_size", "batch_size", "evaluator", "epochs", "objective",
-                   "sampler", "seed", "device", "runtime", "dtype", "channels_last", "cuda_graphs")
+                   "sampler", "seed", "device", "runtime", "dtype", "channels_last", "cuda_graphs",
+                   "cudnn_benchmark")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class SearchConfig:
     dtype: str | None = None  # precision latency is measured in; None = float16 on CUDA, float32 on the CPU
     channels_last: bool | None = None  # None = on for CUDA, off on the CPU
     cuda_graphs: bool = False  # CUDA: time the replay of a captured graph (batch-1 latency without launch cost)
+    cudnn_benchmark: bool | None = None  # CUDA: cuDNN picks its fastest kernels; None = on for CUDA
     train_threads: int | None = None  # CPU threads for training; None = torch's default (every core)
     trials: int = 100  # trials to run in total (a resumed search runs only the missing ones); the timeout
     # usually ends the default search first: 40 trials took 156 s on an idle 2-core CPU, 12 took 447 s on a busy one

@@ -90,7 +90,8 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     # repeatable figure on a shared machine; pass --threads to match your deployment).
     threads = config.threads or (1 if device == "cpu" else None)
     get_runtime(config.runtime).check(device)  # installed and runs on this device, before any folder is written
-    options = RunOptions.for_device(device, channels_last=config.channels_last, cuda_graphs=config.cuda_graphs)
+    options = RunOptions.for_device(device, channels_last=config.channels_last, cuda_graphs=config.cuda_graphs,
+                                    cudnn_benchmark=config.cudnn_benchmark)
     from ..data import load_data
 
     data = load_data(config.data, input_size=config.input_size, seed=config.seed)

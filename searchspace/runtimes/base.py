@@ -29,9 +29,6 @@ class RuntimeInfo:
     def __str__(self) -> str:
         return f"{self.name} {self.version}" + (f" ({self.provider})" if self.provider else "")
 
-    def to_dict(self) -> dict[str, str]:
-        return {"name": self.name, "version": self.version, "provider": self.provider}
-
 
 @dataclass
 class Prepared:
@@ -57,7 +54,6 @@ class Runtime:
     extra: ClassVar[str | None] = None  # ``pip install -e '.[<extra>]'`` installs it
     devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
     thread_clock: ClassVar[bool] = True
-    exports: ClassVar[bool] = False  # whether the model leaves PyTorch (its outputs may differ in rounding)
     exclusive: ClassVar[bool] = False  # models are prepared and measured one at a time, not side by side
 
     def version(self) -> str:

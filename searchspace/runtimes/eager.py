@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import first_line
 from .base import Prepared, Runtime, RuntimeInfo, RuntimeUnavailableError
 
 
@@ -40,7 +41,6 @@ class Compile(Runtime):
             compiled(example)  # compiles now, not in the first timed run
         except Exception as exc:  # noqa: BLE001 - any compiler failure is the candidate's, reported in one line
             raise RuntimeUnavailableError(f"runtime 'compile' could not compile the model: "
-                                          f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                                          ) from exc
+                                          f"{type(exc).__name__}: {first_line(exc)}") from exc
         return Prepared(lambda: compiled(example), RuntimeInfo(self.name, self.version(), self.backend),
                         owner=compiled)

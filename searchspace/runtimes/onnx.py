@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import first_line
 from .base import Prepared, Runtime, RuntimeInfo, RuntimeUnavailableError, cpu_threads, require
 
 ONNX_EXTRA = "onnx"
@@ -37,8 +38,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | Path) -> Pa
     except RuntimeUnavailableError:
         raise
     except Exception as exc:  # noqa: BLE001 - an exporter failure is the model's, reported in one line
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise RuntimeUnavailableError(f"could not export the model to ONNX: {type(exc).__name__}: {first}") from exc
+        raise RuntimeUnavailableError(f"could not export the model to ONNX: {type(exc).__name__}: "
+                                      f"{first_line(exc)}") from exc
     finally:
         model.train(was_training)
     return path
@@ -56,7 +57,6 @@ class OnnxRuntime(Runtime):
 
     name = "onnxruntime"
     extra = ONNX_EXTRA
-    exports = True
 
     def version(self) -> str:
         return self.module("onnxruntime").__version__
@@ -86,8 +86,7 @@ class OnnxRuntime(Runtime):
             return ort.InferenceSession(str(path), sess_options=options, providers=providers or
                                         self.providers(device), provider_options=provider_options)
         except Exception as exc:  # noqa: BLE001 - a session that cannot load this model: one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise RuntimeUnavailableError(f"ONNX Runtime could not load the model: {first}") from exc
+            raise RuntimeUnavailableError(f"ONNX Runtime could not load the model: {first_line(exc)}") from exc
 
     def prepare(self, model: nn.Module, example: torch.Tensor, *, device: torch.device, threads: int) -> Prepared:
         providers = self.providers(device)

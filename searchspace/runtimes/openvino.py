@@ -7,6 +7,7 @@ import warnings
 import torch
 from torch import nn
 
+from ..errors import first_line
 from .base import Prepared, Runtime, RuntimeInfo, RuntimeUnavailableError
 from .onnx import numpy_input
 
@@ -19,7 +20,6 @@ class OpenVino(Runtime):
     name = "openvino"
     extra = "openvino"
     devices = ("cpu",)
-    exports = True
 
     def version(self) -> str:
         ov = self.module("openvino")
@@ -58,8 +58,8 @@ class OpenVino(Runtime):
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
+    text = str(exc)
     unconverted = text.find("No conversion rule")  # OpenVINO's report names the ops it lacks deep in the text
     if unconverted >= 0:
         return text[unconverted:].splitlines()[0]
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(exc).__name__}: {first_line(exc)}"

@@ -9,6 +9,7 @@ import tempfile
 import torch
 from torch import nn
 
+from ..errors import first_line
 from .base import Prepared, Runtime, RuntimeInfo, RuntimeUnavailableError
 from .onnx import OnnxRuntime, bind_on_gpu, export_onnx
 
@@ -20,7 +21,6 @@ class TensorRT(Runtime):
     name = "tensorrt"
     extra = "tensorrt"
     devices = ("cuda",)
-    exports = True
 
     def _backend(self) -> str:
         if importlib.util.find_spec("torch_tensorrt") is not None:
@@ -44,8 +44,8 @@ class TensorRT(Runtime):
                 engine = trt.compile(model, ir="dynamo", inputs=[example], enabled_precisions={example.dtype})
                 engine(example)
             except Exception as exc:  # noqa: BLE001 - a build failure is the model's, reported in one line
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise RuntimeUnavailableError(f"torch-tensorrt could not build an engine: {first}") from exc
+                raise RuntimeUnavailableError(f"torch-tensorrt could not build an engine: {first_line(exc)}"
+                                              ) from exc
             return Prepared(lambda: engine(example), RuntimeInfo(self.name, self.version(), "torch_tensorrt"),
                             owner=engine)
         ort = OnnxRuntime()
