@@ -13,6 +13,7 @@ from ..errors import MixerNASError
 from ..latency.budget import format_ms
 from ..latency.measure import DTYPES
 from ..runtimes import get_runtime
+from .storage import display_url
 
 EVALUATORS = ("train", "zero-cost")
 SAMPLERS = ("tpe", "nsga2", "random")
@@ -108,7 +109,11 @@ class SearchConfig:
         return self.study_name or f"mixernas-{_slug(self.out_dir.name)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The settings as written to ``config.json`` (a database password is not)."""
+        data = dataclasses.asdict(self)
+        if self.storage:
+            data["storage"] = display_url(self.storage)
+        return data
 
     def identity(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in IDENTITY_FIELDS}

@@ -23,6 +23,7 @@ from . import plots
 from .candidate import CandidateRunner, Outcome, arch_model
 from .config import SearchConfig, load_saved_config
 from .results import environment, load_model, save_model, write_csv, write_json
+from .storage import open_storage
 
 FINALISTS = 5  # best candidates re-measured side by side before the winner is chosen
 
@@ -90,6 +91,8 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     # repeatable figure on a shared machine; pass --threads to match your deployment).
     threads = config.threads or (1 if device == "cpu" else None)
     get_runtime(config.runtime).check(device)  # installed and runs on this device, before any folder is written
+    if config.storage:  # a database that cannot be reached is reported now, not after the latency table is built
+        open_storage(config.storage).remove_session()
     options = RunOptions.for_device(device, channels_last=config.channels_last, cuda_graphs=config.cuda_graphs,
                                     cudnn_benchmark=config.cudnn_benchmark)
     from ..data import load_data

@@ -33,9 +33,10 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import MixerNASError
+from .backend import Backend
 from .candidate import CandidateRunner
 from .config import SearchConfig
-from .optuna_backend import FINISHED, _best_feasible, make_objective, open_study, trial_rows
+from .study import FINISHED, QUEUED_ATTR
 
 SAMPLE_ATTR = "nni_sample"  # the full NNI sample of a trial (the space may not use every decision)
 PROBES = 512  # random walks through a define-by-run space to find its decisions
@@ -135,112 +136,100 @@ def _import_nni():
     return Categorical, MutableDict, SequentialExecutionEngine, ExecutableModelSpace, ModelStatus, RegularizedEvolution
 
 
+class NniBackend(Backend):
+    """NNI's regularised evolution proposes each candidate; the shared objective evaluates it on the study."""
+
+    label = "nni evolution"
+    queue_presets = False  # the evolution starts from its own random population
+
+    def search(self) -> bool:
+        config, study = self.config, self.study.study
+        Categorical, MutableDict, Engine, ExecutableModelSpace, ModelStatus, RegularizedEvolution = _import_nni()
+        import nni
+
+        if config.workers > 1:
+            self.echo("NNI evaluates one candidate at a time here (its sequential engine); --workers is ignored")
+        if config.sampler:
+            self.echo(f"NNI's regularised evolution chooses the candidates; --sampler {config.sampler} is ignored")
+        decisions = space_decisions(self.space, seed=config.seed)
+        if not decisions:
+            raise MixerNASError(f"space {self.space.name!r} has no decisions to search")
+        mutables = MutableDict({name: Categorical(choices, label=name) for name, choices in decisions.items()})
+        tally = self.tally()
+        remaining = tally.free + tally.waiting
+
+        def evaluate(sample: dict[str, Any]) -> None:
+            """One NNI individual: an Optuna trial of the study with exactly these parameters."""
+            try:
+                params = used_params(self.space, sample)
+            except Exception as exc:
+                params, error = {}, f"{type(exc).__name__}: {exc}"
+            else:
+                error = None
+            attrs = {SAMPLE_ATTR: json.dumps(sample), QUEUED_ATTR: "nni"}
+            if error is None:
+                study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+                study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            else:  # the space cannot make this sample: a failed trial, as the objective records one
+                study.add_trial(optuna.trial.create_trial(
+                    state=TrialState.FAIL, user_attrs={**attrs, "state": "failed", "error": error[:500]}))
+            last = study.get_trials(deepcopy=False)[-1]
+            self.after_trial(last)
+            fitness = _fitness(last)
+            if fitness is not None:
+                nni.report_final_result(fitness)
+
+        class ArchSpace(ExecutableModelSpace):
+            """The space's decisions as NNI mutables; executing a frozen sample evaluates that candidate."""
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.evaluator, self.sample = None, None
+
+            def freeze(self, sample):
+                self.validate(sample)
+                frozen = ArchSpace()
+                frozen.sample, frozen.status = dict(sample), ModelStatus.Frozen
+                return frozen
+
+            def check_contains(self, sample):
+                return mutables.check_contains(sample)
+
+            def leaf_mutables(self, is_leaf):
+                yield from mutables.leaf_mutables(is_leaf)
+
+            def execute(self) -> None:
+                evaluate(self.sample)
+
+        population = self.population = max(4, min(16, config.trials // 3))
+        strategy = RegularizedEvolution(population_size=population, sample_size=max(2, population // 4),
+                                        mutation_prob=max(0.05, 1 / len(decisions)), seed=config.seed, dedup=True)
+        left = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+        engine = Engine(max_model_count=remaining, max_duration=left, continue_on_failure=True)
+        strategy.initialize(ArchSpace(), engine)
+        _resume_population(strategy, study, decisions, population, config.seed + tally.counted)
+
+        nni_log = logging.getLogger("nni")
+        level = nni_log.level
+        nni_log.setLevel(logging.ERROR)  # NNI logs every individual at INFO; the progress bar says enough
+        try:
+            strategy.run()
+        finally:
+            nni_log.setLevel(level)
+        return False
+
+    def _summary(self) -> str:
+        return f" (NNI regularised evolution, population {getattr(self, 'population', '?')})"
+
+
 def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress: bool,
               echo: Callable[[str], None]) -> tuple[list[dict[str, Any]], bool]:
     """Run the missing trials with NNI's regularised evolution; returns (rows of all finished trials, interrupted?)."""
     if config.objective == "pareto":
         raise MixerNASError("--backend nni searches one objective (regularised evolution); use --backend optuna or "
                             "ray for --objective pareto")
-    Categorical, MutableDict, Engine, ExecutableModelSpace, ModelStatus, RegularizedEvolution = _import_nni()
-    import nni
-    from tqdm.auto import tqdm
-
-    if config.workers > 1:
-        echo("NNI evaluates one candidate at a time here (its sequential engine); --workers is ignored")
-    if config.sampler:
-        echo(f"NNI's regularised evolution chooses the candidates; --sampler {config.sampler} is ignored")
-    study, done, remaining = open_study(config, echo)
-    if not remaining:
-        return trial_rows(study), False
-
-    decisions = space_decisions(space, seed=config.seed)
-    if not decisions:
-        raise MixerNASError(f"space {space.name!r} has no decisions to search")
-    mutables = MutableDict({name: Categorical(choices, label=name) for name, choices in decisions.items()})
-    metric = "accuracy" if config.evaluator == "train" else "score"
-    best = [_best_feasible(study, metric, config.budget_ms)]
-    bar = tqdm(total=remaining, disable=not progress, unit="trial", dynamic_ncols=True,
-               desc=f"nni evolution ({config.trials} trials" + (f", {config.timeout_s:.0f} s max)"
-                                                                 if config.timeout_s else ")"))
-
-    def on_outcome(outcome) -> None:
-        value = outcome.accuracy if metric == "accuracy" else outcome.score
-        fits = outcome.measured_ms is not None and outcome.measured_ms <= config.budget_ms
-        if outcome.state == "complete" and fits and value is not None and (best[0] is None or value > best[0]):
-            best[0] = value
-
-    objective = make_objective(config, space, runner, on_outcome)
-
-    def evaluate(sample: dict[str, Any]) -> None:
-        """One NNI individual: an Optuna trial of the study with exactly these parameters."""
-        try:
-            params = used_params(space, sample)
-        except Exception as exc:
-            params, error = {}, f"{type(exc).__name__}: {exc}"
-        else:
-            error = None
-        study.enqueue_trial(params, user_attrs={SAMPLE_ATTR: json.dumps(sample)}, skip_if_exists=False)
-        if error is None:
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        else:  # the space cannot make this sample: a failed trial, as the Optuna backend records it
-            trial = study.ask()
-            trial.set_user_attr("state", "failed")
-            trial.set_user_attr("error", error[:500])
-            study.tell(trial, state=TrialState.FAIL)
-        last = study.get_trials(deepcopy=False)[-1]
-        bar.update(1)
-        state = last.user_attrs.get("state", last.state.name.lower())
-        bar.set_postfix_str(f"best {metric} {best[0]:.3f}" if best[0] is not None else f"last: {state}")
-        fitness = _fitness(last)
-        if fitness is not None:
-            nni.report_final_result(fitness)
-
-    class ArchSpace(ExecutableModelSpace):
-        """The space's decisions as NNI mutables; executing a frozen sample evaluates that candidate."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.evaluator, self.sample = None, None
-
-        def freeze(self, sample):
-            self.validate(sample)
-            frozen = ArchSpace()
-            frozen.sample, frozen.status = dict(sample), ModelStatus.Frozen
-            return frozen
-
-        def check_contains(self, sample):
-            return mutables.check_contains(sample)
-
-        def leaf_mutables(self, is_leaf):
-            yield from mutables.leaf_mutables(is_leaf)
-
-        def execute(self) -> None:
-            evaluate(self.sample)
-
-    population = max(4, min(16, config.trials // 3))
-    strategy = RegularizedEvolution(population_size=population, sample_size=max(2, population // 4),
-                                    mutation_prob=max(0.05, 1 / len(decisions)), seed=config.seed, dedup=True)
-    engine = Engine(max_model_count=remaining, max_duration=config.timeout_s, continue_on_failure=True)
-    strategy.initialize(ArchSpace(), engine)
-    _resume_population(strategy, study, decisions, population, config.seed + done)
-
-    interrupted = False
-    started = time.perf_counter()
-    nni_log = logging.getLogger("nni")
-    level = nni_log.level
-    nni_log.setLevel(logging.ERROR)  # NNI logs every individual at INFO; the progress bar says enough
-    try:
-        strategy.run()
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        nni_log.setLevel(level)
-        bar.close()
-    ran = len(study.get_trials(deepcopy=False, states=FINISHED)) - done
-    if not interrupted:
-        echo(f"{ran} trials in {time.perf_counter() - started:.0f} s (NNI regularised evolution, population "
-             f"{population})")
-    return trial_rows(study), interrupted
+    _import_nni()
+    return NniBackend(config, space, runner, progress=progress, echo=echo).run()
 
 
 def _fitness(trial: optuna.trial.FrozenTrial) -> float | None:
