@@ -8,6 +8,7 @@ import json
 import math
 import random
 import statistics
+import time
 from collections import Counter
 
 import pytest
@@ -927,3 +928,27 @@ def test_steady_allocator_can_be_turned_off(monkeypatch):
         assert measure_module.STEADY_ALLOCATOR not in result.context.options
     finally:
         measure_module.steady_allocator.cache_clear()
+
+
+def test_the_thread_clock_check_tells_other_threads_from_a_busy_machine():
+    import threading
+
+    from searchspace.latency.measure import MeasurementError, check_thread_clock
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def elsewhere() -> None:  # the work runs on a thread of its own, as some runtimes do
+        worker = threading.Thread(target=spin, args=(0.02,))
+        worker.start()
+        worker.join()
+
+    def here_but_waiting() -> None:  # computes here, then waits as a process does for a busy core
+        spin(0.005)
+        time.sleep(0.05)
+
+    with pytest.raises(MeasurementError, match="threads of its own"):
+        check_thread_clock(elsewhere, "demo")
+    check_thread_clock(here_but_waiting, "demo")  # 10% of the wall time, all of the process's CPU time

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution, distribution_to_json
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
@@ -36,6 +37,7 @@ from searchspace.nas.study import (
     record,
     trial_rows,
     worker_id,
+    worker_of,
 )
 from searchspace.space import get_space
 
@@ -117,9 +119,10 @@ def _dead_pid() -> int:
 def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
     study = SearchStudy(_config(tmp_path), heartbeat=False)
     trial = study.study.ask()
-    trial.suggest_categorical("x", ["a", "b"])
     here = worker_id().rsplit(":", 1)[0]
-    trial.set_user_attr(WORKER_ATTR, f"{here}:{_dead_pid()}")
+    choice = distribution_to_json(CategoricalDistribution(["a", "b"]))
+    trial.set_user_attr(WORKER_ATTR, {"id": f"{here}:{_dead_pid()}", "params": {"x": "b"},
+                                      "distributions": {"x": choice}})
     alive = study.study.ask()  # a live process on this machine keeps its trial
     alive.set_user_attr(WORKER_ATTR, f"{here}:{os.getppid()}")
     elsewhere = study.study.ask()  # another machine's trial waits for its heartbeat to go stale
@@ -129,7 +132,7 @@ def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
     dead, kept, remote, retry = study.trials()
     assert dead.state == TrialState.FAIL and "worker stopped" in dead.user_attrs["error"]
     assert kept.state == remote.state == TrialState.RUNNING
-    assert retry.state == TrialState.WAITING and retry.params == dead.params
+    assert retry.state == TrialState.WAITING and retry.params == {"x": "b"}  # the draw, though Optuna had not stored it
     assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == dead.number
     assert "error" not in retry.user_attrs
     tally = study.tally()
@@ -206,7 +209,7 @@ def _running_trial_of(storage: str, pid: int, deadline: float) -> int | None:
         try:
             study = optuna.load_study(study_name="shared", storage=storage)
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t.user_attrs.get(WORKER_ATTR, "").endswith(f":{pid}"):
+                if (worker_of(t) or "").endswith(f":{pid}"):
                     return t.number
         except KeyError:  # the study does not exist yet
             pass
@@ -249,7 +252,8 @@ def test_three_workers_share_the_trials_and_a_killed_one_loses_nothing(shared_st
     killed = study.get_trials()[number]
     assert killed.state == TrialState.FAIL
     retries = [t for t in study.get_trials() if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == number]
-    assert len(retries) == 1 and counts(retries[0]) and retries[0].params == killed.params
+    assert len(retries) == 1 and counts(retries[0])
+    assert retries[0].params == killed.user_attrs[WORKER_ATTR]["params"]  # the same candidate, run again
     assert not study.get_trials(states=(TrialState.RUNNING, TrialState.WAITING))
 
     winners = set()

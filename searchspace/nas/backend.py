@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial
 
 from .candidate import CandidateRunner, Outcome
 from .config import SearchConfig
-from .study import DUPLICATE_ATTR, SearchStudy, Surplus, Tally
+from .study import DUPLICATE_ATTR, OUTCOME_ATTR, SearchStudy, Skipped, Surplus, Tally, attrs
 
 MAX_DUPLICATES = 50  # draws in a row that repeat earlier candidates before a worker gives up on the space
 
@@ -106,11 +106,6 @@ class Backend:
 
     def objective(self, trial: optuna.trial.Trial) -> Any:
         """One trial: claim it, sample its candidate from the space, evaluate, record; Optuna's return value."""
-        try:
-            self.study.claim(trial)
-        except Surplus:
-            self.study.study.stop()
-            raise
         pareto = self.config.objective == "pareto"
 
         def report(epoch: int, accuracy: float) -> bool:
@@ -119,20 +114,22 @@ class Backend:
             trial.report(accuracy, epoch)
             return trial.should_prune()
 
+        arch = None
         try:
             arch = self.space.sample(trial)
-        except Exception as exc:
-            trial.set_user_attr("state", "failed")
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
-            raise
-        self.study.check_new(trial)
-        self.duplicates = 0
-        try:
-            trial.set_user_attr("arch", arch.to_dict())
+            try:
+                self.study.claim(trial)
+            except Surplus:
+                self.study.study.stop()
+                raise
+            self.study.check_new(trial)
+            self.duplicates = 0
             outcome = self.runner.run(arch, report=report)
+        except Skipped:
+            raise
         except Exception as exc:
-            trial.set_user_attr("state", "failed")
-            trial.set_user_attr("error", f"{type(exc).__name__}: {exc}"[:500])
+            trial.set_user_attr(OUTCOME_ATTR, {"state": "failed", "error": f"{type(exc).__name__}: {exc}"[:500],
+                                               "arch": arch.to_dict() if arch is not None else None})
             raise
         self.study.record(trial, outcome)
         self.observe(outcome)
@@ -163,6 +160,6 @@ class Backend:
             if self.best is not None:
                 self.bar.set_postfix_str(f"best {self.metric} {self.best:.3f}")
             elif trial is not None:
-                self.bar.set_postfix_str(f"last: {trial.user_attrs.get('state', trial.state.name.lower())}")
+                self.bar.set_postfix_str(f"last: {attrs(trial).get('state', trial.state.name.lower())}")
             self.bar.refresh()
         return tally

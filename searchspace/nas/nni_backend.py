@@ -36,7 +36,7 @@ from ..errors import MixerNASError
 from .backend import Backend
 from .candidate import CandidateRunner
 from .config import SearchConfig
-from .study import FINISHED, QUEUED_ATTR
+from .study import FINISHED, OUTCOME_ATTR, QUEUED_ATTR
 
 SAMPLE_ATTR = "nni_sample"  # the full NNI sample of a trial (the space may not use every decision)
 PROBES = 512  # random walks through a define-by-run space to find its decisions
@@ -171,8 +171,9 @@ class NniBackend(Backend):
                 study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
                 study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
             else:  # the space cannot make this sample: a failed trial, as the objective records one
-                study.add_trial(optuna.trial.create_trial(
-                    state=TrialState.FAIL, user_attrs={**attrs, "state": "failed", "error": error[:500]}))
+                failed = {"state": "failed", "error": error[:500]}
+                study.add_trial(optuna.trial.create_trial(state=TrialState.FAIL,
+                                                          user_attrs={**attrs, OUTCOME_ATTR: failed}))
             last = study.get_trials(deepcopy=False)[-1]
             self.after_trial(last)
             fitness = _fitness(last)

@@ -46,7 +46,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 HEARTBEAT_S = 10  # a running trial's heartbeat, seconds
 GRACE_S = 60  # a trial whose heartbeat stops this long belongs to a dead worker
 MAX_RETRY = 2  # a dead worker's trial is queued again at most this many times
-WORKER_ATTR = "worker"  # host/boot:pid of the process running the trial
+OUTCOME_ATTR = "outcome"  # everything a trial's evaluation found (one write: each attribute is a transaction)
+WORKER_ATTR = "worker"  # who runs the trial (host/boot:pid) and what it drew: {"id", "params", "distributions"}
 QUEUED_ATTR = "queued"  # set on trials queued as reserved work (presets, NNI's samples)
 SURPLUS_ATTR = "surplus"  # a trial started when the study's trials were all taken: never evaluated
 DUPLICATE_ATTR = "duplicate_of"  # a trial that drew another's parameters: never evaluated
@@ -67,6 +68,29 @@ def _boot_id() -> str:
 def worker_id() -> str:
     """``host/boot:pid``: which process runs a trial, and whether it can be checked from here."""
     return f"{socket.gethostname()}/{_boot_id()}:{os.getpid()}"
+
+
+def worker_of(trial: FrozenTrial) -> str | None:
+    """The ``host/boot:pid`` of the worker that runs (or ran) a trial."""
+    worker = trial.user_attrs.get(WORKER_ATTR)
+    return worker.get("id") if isinstance(worker, dict) else worker
+
+
+class RetryDeadWorkersTrial(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a dead worker's trial, with the parameters the worker had drawn.
+
+    Optuna keeps a running trial's parameters in the worker's memory until the trial ends, so the stored trial of
+    a dead worker has none; :meth:`SearchStudy.claim` stored them with the worker's name.
+    """
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        drawn = trial.user_attrs.get(WORKER_ATTR)
+        if not trial.params and isinstance(drawn, dict) and drawn.get("params"):
+            trial = copy.deepcopy(trial)
+            trial.distributions = {k: optuna.distributions.json_to_distribution(d)
+                                   for k, d in drawn["distributions"].items()}
+            trial.params = drawn["params"]
+        super().__call__(study, trial)
 
 
 def _local_pid(worker: str | None) -> int | None:
@@ -94,7 +118,7 @@ def _alive(pid: int) -> bool:
 
 def _constraints(trial: FrozenTrial) -> list[float]:
     # <= 0 means feasible (Optuna's convention); failed trials without the attribute count as infeasible
-    return [float(trial.user_attrs.get("constraint", 1.0))]
+    return [float(attrs(trial).get("constraint", 1.0))]
 
 
 def tpe_startup_trials(trials: int) -> int:
@@ -166,7 +190,7 @@ def counts(trial: FrozenTrial) -> bool:
     """Whether a trial uses up one of the study's ``--trials``: it finished, or its candidate failed."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and trial.user_attrs.get("state") == "failed"
+    return trial.state == TrialState.FAIL and attrs(trial).get("state") == "failed"
 
 
 def reserved(trial: FrozenTrial) -> bool:
@@ -221,7 +245,7 @@ class SearchStudy:
         self.config = config
         self.storage = open_storage(config.storage_url, **(dict(
             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)) if heartbeat else {}))
+            failed_trial_callback=RetryDeadWorkersTrial(max_retry=MAX_RETRY)) if heartbeat else {}))
         if config.objective == "pareto":
             directions = ["maximize", "minimize"]
             pruner = optuna.pruners.NopPruner()  # Optuna cannot prune multi-objective trials
@@ -259,9 +283,9 @@ class SearchStudy:
         stopped for ``GRACE_S`` (Optuna's :func:`~optuna.storages.fail_stale_trials`).
         """
         released = 0
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
+        retry = RetryDeadWorkersTrial(max_retry=MAX_RETRY)
         for t in self.trials((TrialState.RUNNING,)):
-            pid = _local_pid(t.user_attrs.get(WORKER_ATTR))
+            pid = _local_pid(worker_of(t))
             if pid is None or pid == os.getpid() or _alive(pid):
                 continue
             trial_id = self._trial_id(t.number)
@@ -280,8 +304,12 @@ class SearchStudy:
     # -------------------------------------------------------------------------------------------- trials
 
     def claim(self, trial: optuna.trial.Trial) -> None:
-        """Mark a starting trial as this worker's; raise :class:`Surplus` if the study's trials are all taken."""
-        trial.set_user_attr(WORKER_ATTR, worker_id())
+        """Mark a trial whose candidate is drawn as this worker's; raise :class:`Surplus` if the study's trials are
+        all taken. The draw is stored with it: Optuna writes a trial's parameters only when it finishes, and a dead
+        worker's trial is queued again with them."""
+        trial.set_user_attr(WORKER_ATTR, {
+            "id": worker_id(), "params": trial.params,
+            "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in trial.distributions.items()}})
         mine = None
         taken = 0
         for t in self.trials():
@@ -309,7 +337,7 @@ class SearchStudy:
 
     def record(self, trial: optuna.trial.Trial, outcome: Outcome) -> None:
         """A trial's outcome in its user attributes, and the latency budget as its constraint."""
-        record(trial, outcome, self.config.budget_ms)
+        record(trial, outcome, self.config.budget_ms, study_id=self.study_id)
 
     def enqueue_presets(self, space) -> None:
         """Presets that are points of the space start a new study: the search begins from the hand-designed models."""
@@ -330,9 +358,9 @@ class SearchStudy:
 
     def best_feasible(self) -> float | None:
         """The best metric among complete trials whose measured latency fits."""
-        values = [t.user_attrs.get(self.metric) for t in self.trials((TrialState.COMPLETE,))
-                  if t.user_attrs.get("state") == "complete"
-                  and (t.user_attrs.get("measured_ms") or 1e18) <= self.config.budget_ms]
+        outcomes = [attrs(t) for t in self.trials((TrialState.COMPLETE,))]
+        values = [o.get(self.metric) for o in outcomes
+                  if o.get("state") == "complete" and (o.get("measured_ms") or 1e18) <= self.config.budget_ms]
         values = [v for v in values if v is not None]
         return max(values) if values else None
 
@@ -357,16 +385,21 @@ class SearchStudy:
             time.sleep(poll_s)
 
 
-def record(trial: optuna.trial.Trial, outcome: Outcome, budget_ms: float) -> None:
-    """A trial's outcome in its user attributes; its latency against the budget as Optuna's constraint."""
-    for key, value in outcome.to_attrs().items():
-        trial.set_user_attr(key, value)
+def attrs(trial: FrozenTrial | optuna.trial.Trial) -> dict[str, Any]:
+    """A trial's user attributes with its outcome's fields at the top level (``state``, ``accuracy``, ...)."""
+    ua = trial.user_attrs
+    return {**ua, **ua[OUTCOME_ATTR]} if OUTCOME_ATTR in ua else ua
+
+
+def record(trial: optuna.trial.Trial, outcome: Outcome, budget_ms: float, *, study_id: int | None = None) -> None:
+    """A trial's outcome as one user attribute; its latency against the budget as Optuna's constraint."""
     latency = outcome.latency_for_constraint()  # measured if measured, else predicted (screened out)
     constraint = (latency - budget_ms) if latency is not None else 1.0
-    trial.set_user_attr("constraint", constraint)
+    trial.set_user_attr(OUTCOME_ATTR, {**outcome.to_attrs(), "constraint": constraint})
     storage = trial.storage
-    trial_id = storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(trial.study.study_name),
-                                                              trial.number)
+    if study_id is None:
+        study_id = storage.get_study_id_from_name(trial.study.study_name)
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
     storage.set_trial_system_attr(trial_id, CONSTRAINTS_KEY, [constraint])
 
 
@@ -377,7 +410,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         if t.state not in FINISHED or t.user_attrs.get(SURPLUS_ATTR) or DUPLICATE_ATTR in t.user_attrs:
             continue
-        ua = t.user_attrs
+        ua = attrs(t)
         state = "failed" if t.state == TrialState.FAIL else (ua.get("state") or t.state.name.lower())
         retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
         row = {
@@ -394,7 +427,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
             "seconds": ua.get("seconds") if ua.get("seconds") is not None else _duration(t),
             "error": ua.get("error") or (None if t.state != TrialState.FAIL or counts(t)
                                          else "interrupted: stopped mid-trial"),
-            "worker": ua.get(WORKER_ATTR),
+            "worker": worker_of(t),
             "retry_of": retried,
             **{f"param.{k}": v for k, v in sorted(t.params.items())},
             "arch": json.dumps(ua["arch"], separators=(",", ":")) if "arch" in ua else None,
