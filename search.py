@@ -50,8 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("search")
     g.add_argument("--space", default="default", help="registered space name or package.module:function "
                    "(default: default, every built-in mixer)")
-    g.add_argument("--trials", type=int, default=100, help="trials in total; a resumed search runs the missing "
-                   "ones (default: 100; with --timeout, whichever comes first)")
+    g.add_argument("--trials", type=int, default=100, help="trials in the study, in total: a resumed search runs "
+                   "the missing ones, and workers on one --storage/--study-name share them (default: 100; with "
+                   "--timeout, whichever comes first)")
     g.add_argument("--timeout", type=float, default=420.0, metavar="SECONDS",
                    help="stop starting trials after this many seconds (default: 420)")
     g.add_argument("--objective", choices=("accuracy", "pareto"), default="accuracy",
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="optuna: embedded, one process; ray: Ray Tune (Optuna searcher, ASHA), local or a cluster; "
                         "nni: NNI's regularised evolution (the nni extra) (default: optuna)")
     g.add_argument("--storage", default=None, metavar="URL",
-                   help="Optuna storage URL, e.g. postgresql://user@host/db (default: SQLite in --out)")
+                   help="Optuna storage URL, e.g. postgresql://user@host/db (the postgres extra; many machines on "
+                        "one study) or sqlite:///path.db (default: SQLite in --out)")
     g.add_argument("--study-name", default=None,
                    help="study to create or resume in --storage; machines sharing a study use the same name "
                         "(default: derived from --out)")

@@ -142,6 +142,16 @@ def test_dead_holders_lose_their_lease_and_a_busy_processor_times_out():
     assert not gate.pause_requested()  # a measurement that gave up does not leave trainers paused
 
 
+def test_a_trial_run_again_holds_its_lease_in_its_new_process():
+    alive = {101: False, 102: True}  # the trial's first process was killed; Tune runs it again in another
+    gate = ProcessorGate(is_alive=lambda pid: alive[pid], dead_check_s=0.01)
+    gate.acquire("trial-1", 101)
+    gate.acquire("trial-1", 102)
+    with pytest.raises(TimeoutError), gate.exclusive(timeout=0.1):
+        pass
+    assert gate.holders == ["trial-1"] and not gate.dropped  # not measured beside the running trial
+
+
 def test_pid_alive():
     assert pid_alive(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -183,9 +193,9 @@ def test_ray_results_are_recorded_like_optuna_trials(case, state):
     assert json.loads(row["arch"]) == arch.to_dict()
     if case == "complete":
         assert (row["accuracy"], row["measured_ms"], row["epochs"]) == (0.9, 1.2, 2)
-        assert study.trials[0].value == 0.9 and study.trials[0].user_attrs["constraint"] < 0
+        assert study.trials[0].value == 0.9 and max(study.trials[0].constraints.values()) < 0  # Optuna's own
     if case == "screened":
-        assert study.trials[0].user_attrs["constraint"] > 0  # infeasible for the sampler
+        assert max(study.trials[0].constraints.values()) > 0  # infeasible for the sampler and optuna-dashboard
     if case == "stopped-by-asha":
         assert (row["accuracy"], row["measured_ms"], row["epochs"]) == (0.4, 1.2, 1)
     if case == "failed":
@@ -197,7 +207,31 @@ def test_ray_results_are_recorded_like_optuna_trials(case, state):
 # ------------------------------------------------------------------------------------------------ Ray
 
 
+@pytest.fixture(scope="module")
+def ray_on_loopback(tmp_path_factory):
+    """A local Ray (``ray.init``) on 127.0.0.1 only, with a token of its own rather than ``~/.ray/auth_token``.
+
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` is read once, when Ray is imported: this fixture must come first.
+    Ray sets ``RAY_AUTH_MODE=token`` in the environment when it starts a local cluster; it is undone afterwards.
+    """
+    from searchspace.testing.ray_cluster import RAY_ENV, write_token
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in RAY_ENV:
+            mp.delenv(name, raising=False)
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setenv("RAY_AUTH_TOKEN_PATH", str(write_token(tmp_path_factory.mktemp("ray-token") / "auth_token")))
+        import ray
+
+        if not ray.is_initialized() and ray.util.get_node_ip_address() != "127.0.0.1":
+            pytest.fail("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set: its nodes would "
+                        "listen on this machine's network address; set it in the environment of pytest")
+        yield
+
+
 @pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_on_loopback")
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray (the ray extra)")
 def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
     """Two trainer tasks hold leases and compute; the actor's measurements fall exactly in their pauses."""
@@ -212,6 +246,7 @@ def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
     try:
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         measurer = ray_backend.get_measurer("cpu")
         plain = CandidateRunner(budget_ms=BUDGET_MS, predictor=None, evaluator=None,
                                 data=SimpleNamespace(num_classes=10, in_chans=1),
@@ -264,6 +299,7 @@ def test_measuring_actor_measures_only_while_trainers_pause(cache_dir):
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_on_loopback")
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray (the ray extra)")
 def test_ray_search_writes_results_and_resumes(tmp_path, cache_dir):
     out = tmp_path / "ray-run"
@@ -290,18 +326,20 @@ def test_ray_search_writes_results_and_resumes(tmp_path, cache_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
              runtime_env={"env_vars": {"PYTHONPATH": str(root)}})
     try:  # the same command again, this time inside a Ray session the caller started (and keeps)
+        assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
         messages.clear()
         run(tiny_config(out, backend="ray", trials=3), progress=False, echo=messages.append)
         assert ray.is_initialized()
     finally:
         ray.shutdown()
-    assert any("2 trials already finished, 1 to run" in m for m in messages)
+    assert any("2 of 3 trials finished" in m for m in messages)
     check_results(out, trials=3)
     assert len(list((out / "ray").glob("run-*"))) == 2
 
 
 @pytest.mark.ray
 @pytest.mark.slow
+@pytest.mark.usefixtures("ray_on_loopback")
 @pytest.mark.skipif(not HAS_RAY, reason="needs Ray (the ray extra)")
 def test_ray_search_with_training_and_asha(tmp_path, cache_dir):
     out = tmp_path / "ray-train"
@@ -341,7 +379,7 @@ def test_nni_search_writes_results_and_resumes(tmp_path, cache_dir):
     check_results(out, trials=3)
     messages: list[str] = []
     run(tiny_config(out, backend="nni", workers=1, trials=5), progress=False, echo=messages.append)
-    assert any("3 trials already finished, 2 to run" in m for m in messages)
+    assert any("3 of 5 trials finished" in m for m in messages)
     check_results(out, trials=5)
     rows = read_rows(out)
     params = [tuple(sorted((k, v) for k, v in r.items() if k.startswith("param.") and v)) for r in rows]

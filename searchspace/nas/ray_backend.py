@@ -1,15 +1,18 @@
 """The Ray Tune backend: the same objective as the Optuna backend, run as Tune trials on a Ray cluster.
 
-Tune drives the search with Optuna as its searcher (``OptunaSearch`` over a define-by-run function that calls
-``space.sample(trial)``, so parameter names are the space's stable dotted paths) and ASHA as its scheduler (per-epoch
-validation accuracy, ``time_attr="epoch"``; FIFO for the Pareto objective and for zero-cost proxies, which have no
-epochs). Each trial evaluates one candidate with the search's :class:`CandidateRunner`.
+Tune drives the search with the study's Optuna sampler as its searcher (:class:`StudySearch`: each Tune trial is one
+Optuna trial, asked from the study, its candidate drawn by ``space.sample(trial)``, so parameter names are the
+space's stable dotted paths) and ASHA as its scheduler (per-epoch validation accuracy, ``time_attr="epoch"``; FIFO
+for the Pareto objective and for zero-cost proxies, which have no epochs). Each trial evaluates one candidate with
+the search's :class:`CandidateRunner`.
 
 **The study is the record.** The searcher's Optuna study lives in the same storage as the Optuna backend's (SQLite
-in the results folder, or ``--storage``), and every finished trial's outcome is written to its user attributes
-exactly as :func:`optuna_backend.record` does, so ``trials.csv``, the winner choice and the report read it with
-:func:`optuna_backend.trial_rows` unchanged. Tune's own files (per-trial ``result.json``, ``error.txt``) go to
-``<out>/ray/run-<time>/``.
+in the results folder, or ``--storage``), opened by the backends' shared base (:class:`~searchspace.nas.backend.
+Backend`), and every trial follows the same protocol (:mod:`searchspace.nas.study`: claimed, checked for a
+duplicate draw, its outcome recorded by :func:`~searchspace.nas.study.record`), so ``trials.csv``, the winner
+choice and the report read it unchanged, and Ray drivers and Optuna workers can share one study. Tune's own
+files (per-trial ``result.json``, ``error.txt``) go to
+``<out>/ray/run-<time>/trial-<study trial number>/``.
 
 **Latency is measured in isolation.** A CPU (or GPU) that trains other candidates while a latency is measured gives
 numbers that are off by 2-40x on a small machine. So:
@@ -34,25 +37,84 @@ numbers that are off by 2-40x on a small machine. So:
 Trials on other nodes of a cluster do not load the measuring node's processor and take no lease. The driver's own
 bookkeeping (Tune's loop, sampling the next candidate) is not gated: it is light and brief.
 
-**Resume.** Re-running the same command with the same ``--out`` reopens the study, marks trials cut off by a stop
-as failed, and runs only the missing trials as a new Tune experiment, whose searcher sees every earlier trial
-through the study. ``Tuner.restore`` is deliberately not used: it replays the cut-off trials with the original
-``num_samples``, so it cannot extend a search to more trials, and its searcher checkpoint lags the study.
-Ctrl-C: Tune stops its trials and returns; finished trials are in the study; the trials in flight are lost.
+**Where latency is measured: the driver's node.** The measuring actor runs on the node of the process that runs
+``search.py`` (the *driver*), and nowhere else: that machine is the *target device*. Its latency table was built
+there, the winner and the presets are re-measured there after the search, and trials that land on it make way
+through the gate. So run ``search.py`` on the device whose latency you optimise, as a node of the cluster (the head,
+or a node joined with ``ray start --address``). To keep training off the target altogether, give its node no CPUs
+for trials (``ray start --head --num-cpus=0``): the measuring actor asks for none. With Ray Client (``ray://``)
+the driver is on no node; the actor then runs wherever Ray puts it, and that node is measured.
+
+**Joining a cluster** (``--ray-address host:port``, ``auto`` or ``ray://host:port``):
+
+* The address is tried first (a TCP connection, ``CONNECT_TIMEOUT_S``): a cluster that is not there is one line,
+  not minutes of Ray retrying.
+* Token authentication. Ray 2.60's ``ray start --head`` turns it on when a token is at hand (``RAY_AUTH_TOKEN``,
+  the file ``RAY_AUTH_TOKEN_PATH`` names, or ``~/.ray/auth_token``, which every local ``ray.init`` creates), and a
+  driver is then let in only in token mode with the same token. Ray itself enters token mode only for
+  ``address="auto"``; here, when ``RAY_AUTH_MODE`` is unset and a token is found in one of those places,
+  ``RAY_AUTH_MODE=token`` is set for this process before Ray is imported (a cluster without authentication still
+  accepts such a driver). A cluster that refuses the driver's token, or wants one that this machine lacks, is one
+  line saying what to set (the head's token is printed by ``ray get-auth-token`` on the head).
+* The cluster's workers get this package from the driver (``runtime_env`` ``py_modules``); Tune's files stay in
+  the results folder on the driver's machine.
+
+**A trial whose process dies** (killed, out of memory, its node lost) loses only itself: Tune runs it again from the
+start with the same candidate (``FailureConfig(max_failures=TRIAL_RETRIES)``), as the same Optuna trial, which the
+driver holds open meanwhile; the study counts it once and notes the lost attempts in its ``ray_retries`` attribute.
+A candidate whose process dies more often than that is recorded as failed and the search goes on. The lease a
+dead process held on the gate is dropped (its pid is gone). The driver beats Optuna's heartbeat for every trial it
+has open (when the storage has one), so other workers on the study see them alive, and a dead driver's trials go
+stale and are run again by the next worker.
+
+**Resume.** Re-running the same command with the same ``--out`` reopens the study and runs only the missing
+trials as a new Tune experiment, whose searcher sees every earlier trial through the study. ``Tuner.restore`` is
+deliberately not used: it replays the cut-off trials with the original ``num_samples``, so it cannot extend a
+search to more trials, and its searcher checkpoint lags the study. Ctrl-C: Tune stops its trials and returns;
+finished trials are in the study; the trials in flight are lost.
 
 **Timeout.** ``--timeout`` stops starting new trials (as with Optuna); trials already running finish.
+
+Only public APIs of Optuna and Ray are used: the searcher is a plain :class:`ray.tune.search.Searcher` that asks and
+tells the study (Optuna's ask-and-tell interface), not Ray's ``OptunaSearch`` and its private state.
+
+**A cluster on one machine, and on two** (``tests/test_ray_cluster.py`` runs the first, and a two-node cluster
+whose second node is in a network namespace; across machines it is a check by hand)::
+
+    # one machine, loopback only (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps Ray on 127.0.0.1)
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address=127.0.0.1 --port=6379 --num-cpus=2
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 python search.py --backend ray --ray-address 127.0.0.1:6379 --workers 2 \
+        --evaluator zero-cost --trials 8 --latency-budget 5ms --out runs/ray-demo
+    ray stop
+
+    # two machines: the head is the target device, and runs search.py
+    head$   ray get-auth-token --generate     # creates ~/.ray/auth_token if missing and prints it: copy it
+    head$   ray start --head --port=6379 --num-cpus=1          # token authentication is on (the token exists)
+    other$  RAY_AUTH_MODE=token RAY_AUTH_TOKEN=<token> ray start --address=<head-ip>:6379 --num-cpus=2
+    head$   python search.py --backend ray --ray-address <head-ip>:6379 --workers 3 --evaluator train \
+                --trials 12 --latency-budget 5ms --out runs/ray-2nodes
+    # check: the search says "2 node(s)"; the result.json files under runs/ray-2nodes/ray/run-*/trial-*/ name both
+    # machines' node_ip (Tune reuses a trial's process for the next trial, so trials of a second or two may all
+    # stay on the first node that is ready); trials.csv has 12 rows; `kill -9` of a `ray::ImplicitFunc.train`
+    # process on `other` mid-search prints "running it again" and still ends with 12 rows
+    head$ ray stop;  other$ ray stop
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import json
 import logging
 import math
 import os
+import socket
+import sys
+import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -61,25 +123,25 @@ import optuna
 from optuna.trial import TrialState
 
 from ..arch import Arch
-from ..errors import MixerNASError
+from ..errors import MixerNASError, first_line
+from .backend import MAX_DUPLICATES, Backend
 from .candidate import CandidateRunner, Outcome, arch_model
 from .config import SearchConfig
-from .optuna_backend import (
-    FINISHED,
-    _best_feasible,
-    _enqueue_presets_in_space,
-    open_study,
-    record,
-    trial_rows,
-)
+from .study import SearchStudy, Skipped, Surplus, record
 
 NAMESPACE = "mixernas"
-ARCH_KEY = "_arch"  # the candidate, as JSON, in a Tune trial's config (besides the space's parameters)
+ARCH_KEY = "_arch"  # the candidate, as JSON, in a Tune trial's config
+NUMBER_KEY = "trial"  # the study's trial number, in a Tune trial's config (and its folder's name)
 SAMPLE_ERROR_KEY = "_sample_error"  # the space could not produce a candidate; the trial records the failure
 PAUSE_POLL_S = 0.2  # how often a training trial asks whether a measurement is waiting
 GATE_TIMEOUT_S = 600.0  # a measurement gives up (its trial fails) if trials do not make way for this long
 DEAD_CHECK_S = 1.0  # how often a waiting measurement checks that lease holders are still alive
 MEASURER_GPU_SHARE = 0.1  # on CUDA, the GPU share the measuring actor reserves; trials share the rest
+TRIAL_RETRIES = 1  # a trial whose process dies runs again this often; a candidate that keeps killing it fails
+RETRIES_ATTR = "ray_retries"  # a study trial's attempts lost to a dead process (absent: none)
+CONNECT_TIMEOUT_S = 5.0  # how long the cluster's address may take to answer before it counts as unreachable
+AUTH_MODE_ENV = "RAY_AUTH_MODE"  # Ray's switch for token authentication ("token", "disabled")
+DEFAULT_TOKEN_FILE = "~/.ray/auth_token"  # where Ray keeps (and `ray start --head` looks for) the token
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +191,10 @@ class ProcessorGate:
         return self._measuring or self._waiting > 0
 
     def acquire(self, holder: str, token: Any = None, timeout: float | None = None) -> None:
-        """Take a shared lease, waiting while a measurement runs or waits. Re-acquiring is a no-op."""
+        """Take a shared lease, waiting while a measurement runs or waits. Re-acquiring only updates the token."""
         with self._cond:
-            if holder in self._leases:
+            if holder in self._leases:  # e.g. a trial run again after its process died: the new process holds it
+                self._leases[holder] = token
                 return
             if not self._cond.wait_for(lambda: not self._measuring and not self._waiting, timeout):
                 raise TimeoutError(f"{holder} waited {timeout:.0f} s for a latency measurement to finish")
@@ -516,58 +579,110 @@ def _finite(value: float | None) -> float:
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial-{trial.trial_id}"
+    """``trial-<study trial number>``: Tune's folder of a trial is named as in ``trials.csv``."""
+    return f"trial-{trial.config.get(NUMBER_KEY, trial.trial_id)}"
 
 
 # --------------------------------------------------------------------------------------------- searcher
 
 
-def _make_searcher(study: optuna.Study, space, config: SearchConfig, *, deadline: float | None,
-                   on_finished: Callable[[dict[str, Any]], None]):
-    """``OptunaSearch`` on the search's own study, recording every outcome as the Optuna backend does."""
+def _searcher_class():
+    """:class:`StudySearch`, made on first use (Ray is imported only when this backend runs)."""
     from ray.tune.search import Searcher
-    from ray.tune.search.optuna import OptunaSearch
 
-    pareto = config.objective == "pareto"
+    class StudySearch(Searcher):
+        """Tune's searcher on the search's own study: each Tune trial is one Optuna trial, asked and told.
 
-    class _Define:
-        """The define-by-run function: the space's own parameters, plus the candidate itself as JSON."""
+        ``suggest`` asks the study for a trial (the study's sampler, and its queue of presets, decide) and draws the
+        candidate with ``space.sample``; ``on_trial_complete`` records the outcome as the Optuna backend does and
+        tells the study. A trial that Tune runs again after its process died stays the same open Optuna trial.
+        While trials are open, a thread beats the storage's heartbeat for them (Optuna's ``optimize`` does the same
+        for its own trials).
+        """
 
-        def __call__(self, trial) -> dict[str, Any]:
-            try:
-                return {ARCH_KEY: space.sample(trial).to_json()}
-            except Exception as exc:  # a space that cannot produce a candidate: that trial fails, the search goes on
-                return {SAMPLE_ERROR_KEY: f"{type(exc).__name__}: {exc}"}
-
-    class StudySearch(OptunaSearch):
-        def __init__(self) -> None:
-            super().__init__(space=_Define(), metric=["objective", "latency_ms"] if pareto else "objective",
-                             mode=["max", "min"] if pareto else "max", sampler=study.sampler,
-                             study_name=study.study_name, storage=study._storage)
-            self.finished_by_deadline = False
+        def __init__(self, shared: SearchStudy, space, config: SearchConfig, *, deadline: float | None,
+                     on_finished: Callable[[TrialState], None], echo: Callable[[str], None]):
+            pareto = config.objective == "pareto"
+            super().__init__(metric="objective", mode="max")
+            self.shared, self.study = shared, shared.study
+            self.space, self.config, self.pareto = space, config, pareto
+            self.deadline, self.on_finished, self.echo = deadline, on_finished, echo
+            self.trials: dict[str, optuna.trial.Trial] = {}  # Tune trial id -> open Optuna trial
+            self.reported: dict[str, set[int]] = {}  # epochs already given to Optuna as intermediate values
+            self.finished_early = False  # the timeout, or no trial left to start in the study
             self.told = 0
+            self.heartbeat = _Heartbeat(self.study)
 
-        def suggest(self, trial_id: str):
-            if deadline is not None and time.monotonic() > deadline:
-                self.finished_by_deadline = True
-                return Searcher.FINISHED
-            params = super().suggest(trial_id)
-            if params and ARCH_KEY in params:
-                self._ot_trials[trial_id].set_user_attr("arch", json.loads(params[ARCH_KEY]))
-            return params
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            for _ in range(MAX_DUPLICATES):
+                if self.deadline is not None and time.monotonic() > self.deadline:
+                    self.finished_early = True
+                    return Searcher.FINISHED
+                with warnings.catch_warnings():  # "heartbeat ... supposed to be used with Study.optimize": we beat
+                    warnings.simplefilter("ignore", UserWarning)
+                    trial = self.study.ask()
+                self.heartbeat.add(trial)
+                try:
+                    arch = self.space.sample(trial)
+                except Exception as exc:  # a space that cannot produce a candidate: that trial fails, the search
+                    self.trials[trial_id] = trial  # goes on
+                    return {NUMBER_KEY: trial.number, SAMPLE_ERROR_KEY: f"{type(exc).__name__}: {exc}"}
+                try:  # the same protocol as every backend's (see searchspace.nas.study)
+                    self.shared.claim(trial)
+                    self.shared.check_new(trial)
+                except Skipped as skipped:
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    self.heartbeat.discard(trial)
+                    if isinstance(skipped, Surplus):
+                        self.finished_early = True
+                        return Searcher.FINISHED
+                    continue
+                self.trials[trial_id] = trial
+                trial.set_user_attr("arch", arch.to_dict())
+                return {NUMBER_KEY: trial.number, ARCH_KEY: arch.to_json()}
+            self.echo(f"{MAX_DUPLICATES} draws in a row repeated earlier candidates: the space seems exhausted")
+            self.finished_early = True
+            return Searcher.FINISHED
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            """Per-epoch accuracy as the Optuna trial's intermediate values (curves in optuna-dashboard)."""
+            trial = self.trials.get(trial_id)
+            epoch = result.get("epoch")
+            if self.pareto or trial is None or result.get("state") != "running" or not isinstance(epoch, int):
+                return
+            seen = self.reported.setdefault(trial_id, set())
+            if epoch not in seen:  # a trial run again reports its epochs again
+                seen.add(epoch)
+                trial.report(float(result["accuracy"]), epoch)
+
+        def on_trial_recover(self, trial_id: str, failures: int) -> None:
+            """Tune runs the trial again after its process died: note the lost attempt on the study's trial."""
+            trial = self.trials.get(trial_id)
+            if trial is None:
+                return
+            trial.set_user_attr(RETRIES_ATTR, failures)
+            self.echo(f"trial {trial.number}: its Ray worker process stopped mid-trial; running it again "
+                      f"({failures} of {TRIAL_RETRIES})")
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            trial = self.trials.pop(trial_id, None)
+            self.reported.pop(trial_id, None)
+            if trial is None:
                 return
-            ot_trial = self._ot_trials[trial_id]
-            state, values = _record_result(ot_trial, result, error, config.budget_ms, pareto)
+            state, values = _record_result(trial, result, error, self.config.budget_ms, self.pareto)
             try:
-                self._ot_study.tell(ot_trial, values, state=state)
+                self.study.tell(trial, values, state=state)
             except Exception as exc:  # e.g. a value Optuna refuses; the attributes are stored already
-                log.warning("could not tell Optuna about trial %s: %s", ot_trial.number, exc)
-            self._completed_trials.add(trial_id)
+                log.warning("could not tell Optuna about trial %s: %s", trial.number, exc)
+            self.heartbeat.discard(trial)
             self.told += 1
-            on_finished(ot_trial.user_attrs)
+            self.on_finished(state)
+
+        def __getstate__(self) -> dict[str, Any]:
+            # Tune pickles its searcher into the experiment's folder for Tuner.restore, which is not used (see the
+            # module docstring on resume): the live parts (the study, whose sampler holds a lock) stay out
+            live = ("shared", "study", "space", "trials", "heartbeat", "on_finished", "echo")
+            return {k: v for k, v in self.__dict__.items() if k not in live}
 
         def save(self, checkpoint_path: str) -> None:
             pass  # the study (in its storage) is the searcher's state; see the module docstring on resume
@@ -575,7 +690,69 @@ def _make_searcher(study: optuna.Study, space, config: SearchConfig, *, deadline
         def restore(self, checkpoint_path: str) -> None:
             pass
 
-    return StudySearch()
+    return StudySearch
+
+
+def _retry_callback(searcher):
+    """A Tune callback that tells ``searcher`` when Tune runs a trial again after its process died."""
+    from ray import tune
+
+    class _OnRecover(tune.Callback):
+        def on_trial_recover(self, iteration: int, trials: list, trial, **info: Any) -> None:
+            searcher.on_trial_recover(trial.trial_id, trial.num_failures)
+
+    return _OnRecover()
+
+
+class _Heartbeat:
+    """Beats the storage's heartbeat for the driver's open trials, every heartbeat interval, from a thread.
+
+    Only with a storage that has a heartbeat (Optuna's :class:`~optuna.storages.RDBStorage` opened with
+    ``heartbeat_interval``); otherwise it does nothing. Public storage methods only.
+    """
+
+    def __init__(self, study: optuna.Study):
+        self.study = study
+        self.ids: dict[int, int] = {}  # trial number -> storage trial id
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.thread: threading.Thread | None = None
+        self.storage = None
+        self.interval: float | None = None
+
+    def add(self, trial: optuna.trial.Trial) -> None:
+        storage = trial.storage
+        interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        if not interval:
+            return
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(self.study.study_name), trial.number)
+        with self.lock:
+            self.storage, self.interval = storage, float(interval)
+            self.ids[trial.number] = trial_id
+        storage.record_heartbeat(trial_id)  # at once: a trial without a heartbeat is never seen to go stale
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._beat, name="mixernas-heartbeat", daemon=True)
+            self.thread.start()
+
+    def discard(self, trial: optuna.trial.Trial) -> None:
+        with self.lock:
+            self.ids.pop(trial.number, None)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            with self.lock:
+                ids = list(self.ids.values())
+            for trial_id in ids:
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as exc:  # a storage hiccup: the next beat may get through
+                    log.warning("heartbeat of trial %s: %s", trial_id, exc)
 
 
 def _record_result(ot_trial: optuna.trial.Trial, result: dict | None, error: bool, budget_ms: float,
@@ -631,64 +808,69 @@ def _outcome(attrs: dict[str, Any], arch: dict | None, **override: Any) -> Outco
 # ---------------------------------------------------------------------------------------------- the run
 
 
+class RayBackend(Backend):
+    """Tune runs the trials, ``config.workers`` at once, on the cluster; the study is shared as in every backend."""
+
+    label = "ray search"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.started_ray: bool | None = None  # whether this process started Ray (and must stop it)
+
+    def _description(self) -> str:
+        limit = f", {self.config.timeout_s:.0f} s max" if self.config.timeout_s else ""
+        return f"{self.label} ({self.config.trials} trials, {self.config.workers} at once{limit})"
+
+    def _summary(self) -> str:
+        return f" on Ray (Tune's own results in {self.config.out_dir / 'ray'})"
+
+    def search(self) -> bool:
+        if self.started_ray is None:
+            self.started_ray = _connect(self.config, self.echo)
+        tally = self.tally()
+        return _tune(self, tally.free + tally.waiting)
+
+
 def run_study(config: SearchConfig, space, runner: CandidateRunner, *, progress: bool,
               echo: Callable[[str], None]) -> tuple[list[dict[str, Any]], bool]:
-    """Run the missing trials of the study on Ray Tune; returns (rows of all finished trials, interrupted?)."""
+    """Run this worker's share of the study on Ray Tune; returns (rows of all finished trials, interrupted?)."""
+    if config.ray_address:
+        prepare_join(config.ray_address, echo)  # before Ray is imported: it reads RAY_AUTH_MODE once, on import
     try:
         import ray
         import ray.tune  # noqa: F401
     except ImportError as exc:
         raise MixerNASError(f"--backend ray needs Ray Tune: pip install 'ray[tune]' ({exc})") from None
-
-    study, done, remaining = open_study(config, echo)
-    if not remaining:
-        return trial_rows(study), False
-    _enqueue_presets_in_space(study, space, done, remaining)
-
-    started = time.perf_counter()
-    started_ray = _connect(config, echo)
+    backend = RayBackend(config, space, runner, progress=progress, echo=echo)
     try:
-        interrupted = _tune(config, space, runner, study, remaining, progress, echo)
-    except KeyboardInterrupt:
-        interrupted = True
+        return backend.run()
     finally:
-        if started_ray:
+        if backend.started_ray:
             ray.shutdown()
-    if not interrupted:
-        ran = len(study.get_trials(deepcopy=False, states=FINISHED)) - done
-        echo(f"{ran} trials in {time.perf_counter() - started:.0f} s on Ray (Tune's own results in "
-             f"{config.out_dir / 'ray'})")
-    return trial_rows(study), interrupted
 
 
-def _tune(config: SearchConfig, space, runner: CandidateRunner, study: optuna.Study, remaining: int,
-          progress: bool, echo: Callable[[str], None]) -> bool:
+def _tune(backend: RayBackend, remaining: int) -> bool:
     """One Tune experiment of ``remaining`` trials in ``<out>/ray/run-<time>``; returns whether it was interrupted."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from tqdm.auto import tqdm
 
-    metric = "accuracy" if config.evaluator == "train" else "score"
-    best = [_best_feasible(study, metric, config.budget_ms)]
-    bar = tqdm(total=remaining, disable=not progress, unit="trial", dynamic_ncols=True,
-               desc=f"ray search ({config.trials} trials, {config.workers} at once"
-                    + (f", {config.timeout_s:.0f} s max)" if config.timeout_s else ")"))
+    config, space, runner, echo, bar = backend.config, backend.space, backend.runner, backend.echo, backend.bar
 
-    def on_finished(ua: dict[str, Any]) -> None:
-        value, measured = ua.get(metric), ua.get("measured_ms")
-        if (ua.get("state") == "complete" and value is not None and measured is not None
-                and measured <= config.budget_ms and (best[0] is None or value > best[0])):
-            best[0] = value
-        bar.update(1)
-        bar.set_postfix_str(f"best {metric} {best[0]:.3f}" if best[0] is not None else f"last: {ua.get('state')}")
+    def on_finished(state: TrialState) -> None:
+        backend.best = backend.study.best_feasible()
+        backend.after_trial()
 
     key = f"{config.name}-{os.getpid()}-{time.time_ns()}"
     measurer = get_measurer(runner.device)
     ray_runner = RayCandidateRunner(runner, measurer=measurer, key=key)
     ray_runner.node_id = _get(measurer.register.remote(key, ray_runner.for_actor(_measure_threads(runner))))
 
-    deadline = time.monotonic() + config.timeout_s if config.timeout_s else None
-    searcher = _make_searcher(study, space, config, deadline=deadline, on_finished=on_finished)
+    def say(message: str) -> None:  # a line between the progress bar's updates
+        with bar.external_write_mode():
+            echo(message)
+
+    searcher = _searcher_class()(backend.study, space, config, deadline=backend.deadline, on_finished=on_finished,
+                                 echo=say)
     epochs = getattr(runner.evaluator, "epochs", None)
     if config.objective == "accuracy" and config.evaluator == "train" and epochs:
         # rungs at epochs 1, 2, 4, ... below the last; the last epoch is reported once, with the outcome
@@ -706,7 +888,8 @@ def _tune(config: SearchConfig, space, runner: CandidateRunner, study: optuna.St
                                     trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(name=time.strftime("run-%Y%m%d-%H%M%S"),
                                   storage_path=str((config.out_dir / "ray").resolve()), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES),
+                                  callbacks=[_retry_callback(searcher)]),
     )
     interrupted = False
     try:
@@ -715,9 +898,9 @@ def _tune(config: SearchConfig, space, runner: CandidateRunner, study: optuna.St
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        bar.close()
+        searcher.heartbeat.close()
     # Tune handles the first Ctrl-C itself (stops its trials and returns): trials then are missing
-    interrupted = interrupted or (searcher.told < remaining and not searcher.finished_by_deadline)
+    interrupted = interrupted or (searcher.told < remaining and not searcher.finished_early)
     if not interrupted:
         stats = _get(measurer.unregister.remote(key))
         if stats["dropped"]:
@@ -766,18 +949,138 @@ def _connect(config: SearchConfig, echo: Callable[[str], None]) -> bool:
     if config.ray_address:
         # the cluster's workers get this very package (and its registered mixers and spaces) from the driver
         options["runtime_env"] = {"py_modules": [str(package)]}
+        captured: list[str] = []
         try:
-            ray.init(address=config.ray_address, **options)
+            with _stderr_into(captured):  # Ray's C++ client logs every failed try there; the message says it once
+                ray.init(address=config.ray_address, **options)
         except Exception as exc:
-            raise MixerNASError(f"cannot join the Ray cluster at {config.ray_address!r}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; check "
-                                f"--ray-address (e.g. auto, or host:6379); a cluster with token authentication "
-                                f"also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN or "
-                                f"~/.ray/auth_token)") from None
-        echo(f"joined the Ray cluster at {config.ray_address} ({ray.cluster_resources().get('CPU', 0):.0f} CPUs)")
+            raise _join_error(config.ray_address, exc, "".join(captured)) from None
+        echo(f"joined the Ray cluster at {config.ray_address} ({ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
+             f"{len([n for n in ray.nodes() if n.get('Alive')])} node(s)); latencies are measured on this node, "
+             f"{ray.util.get_node_ip_address()}")
     else:
         paths = [str(package.parent), os.getcwd(), os.environ.get("PYTHONPATH", "")]
         options["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
         ray.init(num_cpus=config.workers, **options)
         echo(f"started a local Ray with {config.workers} CPU(s) for trials (--workers)")
     return True
+
+
+# ------------------------------------------------------------------------------------------ joining a cluster
+
+
+def prepare_join(address: str, echo: Callable[[str], None]) -> None:
+    """Before joining ``address``: check that it answers, and enter token mode when this machine has a token.
+
+    Call it before Ray is imported: Ray reads ``RAY_AUTH_MODE`` once, on import. Raises :class:`MixerNASError`
+    (one line) for an address that is malformed or does not answer.
+    """
+    check_reachable(address)
+    source = token_source()
+    if os.environ.get(AUTH_MODE_ENV) is None and source is not None and "ray" not in sys.modules:
+        # what Ray does itself for address="auto"; a cluster without authentication accepts such a driver too
+        os.environ[AUTH_MODE_ENV] = "token"
+        echo(f"Ray token authentication: {AUTH_MODE_ENV}=token, with the token in {source}")
+
+
+def token_source() -> str | None:
+    """Where Ray would find this machine's authentication token (in Ray's order), or None."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return "RAY_AUTH_TOKEN"
+    named = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if named:
+        return f"RAY_AUTH_TOKEN_PATH ({named})" if _nonempty_file(Path(named).expanduser()) else None
+    return DEFAULT_TOKEN_FILE if _nonempty_file(Path(DEFAULT_TOKEN_FILE).expanduser()) else None
+
+
+def _nonempty_file(path: Path) -> bool:
+    try:
+        return bool(path.read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """Raise :class:`MixerNASError` unless something accepts TCP connections at ``address`` (``host:port`` or
+    ``ray://host:port``; ``auto`` is left to Ray, which looks for a cluster on this machine).
+
+    A loopback host also counts as reachable at this machine's network address: Ray joins a local cluster there.
+    """
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[1] if "://" in address else address
+    host, _, port = target.rstrip("/").rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        raise MixerNASError(f"--ray-address {address!r} is not an address of a Ray cluster: give host:port "
+                            f"(e.g. head-node:6379, as `ray start --head` printed it) or auto")
+    hosts = [host]
+    if _is_loopback(host) and "://" not in address:
+        hosts.append(_primary_ip())
+    reasons = []
+    for candidate in dict.fromkeys(h for h in hosts if h):
+        try:
+            with socket.create_connection((candidate, int(port)), timeout=timeout):
+                return
+        except socket.gaierror:
+            reasons.append(f"unknown host {candidate!r}")
+        except TimeoutError:
+            reasons.append(f"no answer from {candidate} within {timeout:.0f} s")
+        except OSError as exc:
+            reasons.append(f"{candidate}: {exc.strerror or type(exc).__name__}".lower())
+    raise MixerNASError(f"cannot reach the Ray cluster at {address} ({'; '.join(reasons)}): start it with "
+                        f"`ray start --head --port={port}` on that machine, or check --ray-address")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _primary_ip() -> str | None:
+    """This machine's address on its default route (no packet is sent), as Ray picks it for a node."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("8.8.8.8", 80))
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _stderr_into(captured: list[str]) -> Iterator[None]:
+    """What this process (C++ libraries included) writes to file descriptor 2 inside the block, into ``captured``."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            captured.append(tmp.read().decode(errors="replace"))
+
+
+def _join_error(address: str, exc: Exception, stderr: str) -> MixerNASError:
+    """One line for a failed ``ray.init(address=...)``: what was wrong, and what to set."""
+    refused = "InvalidAuthToken" in stderr or "Unauthenticated" in stderr or type(exc).__name__ == "AuthenticationError"
+    get_token = "the head's token (`ray get-auth-token` on the head prints it)"
+    if refused and os.environ.get(AUTH_MODE_ENV, "").lower() == "token":
+        source = token_source()
+        if source is None:
+            return MixerNASError(f"the Ray cluster at {address} needs an authentication token and this machine has "
+                                 f"none: set RAY_AUTH_TOKEN to {get_token}, or copy it to {DEFAULT_TOKEN_FILE}")
+        return MixerNASError(f"the Ray cluster at {address} refused the authentication token in {source}: set "
+                             f"RAY_AUTH_TOKEN to {get_token}")
+    if refused:
+        return MixerNASError(f"the Ray cluster at {address} uses token authentication: set {AUTH_MODE_ENV}=token "
+                             f"and RAY_AUTH_TOKEN to {get_token}, before Python starts")
+    return MixerNASError(f"cannot join the Ray cluster at {address}: {first_line(exc) or type(exc).__name__}; "
+                         f"check --ray-address (e.g. auto, or head-node:6379 as `ray start --head` printed it)")
