@@ -108,6 +108,10 @@ def test_a_candidate_already_evaluated_is_not_evaluated_again(tmp_path):
         study.check_new(again)
     study.study.tell(again, state=TrialState.FAIL)
     assert not counts(study.trials()[-1])
+    study.study.ask()  # after a repeated candidate the next draw is random, then TPE again
+    assert isinstance(study.sampler.inner, optuna.samplers.RandomSampler)
+    study.study.ask()
+    assert isinstance(study.sampler.inner, optuna.samplers.TPESampler)
 
 
 def _dead_pid() -> int:
@@ -134,7 +138,7 @@ def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
     assert kept.state == remote.state == TrialState.RUNNING
     assert retry.state == TrialState.WAITING and retry.params == {"x": "b"}  # the draw, though Optuna had not stored it
     assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retry) == dead.number
-    assert "error" not in retry.user_attrs
+    assert "error" not in retry.user_attrs and WORKER_ATTR not in retry.user_attrs  # no worker runs it yet
     tally = study.tally()
     assert (tally.counted, tally.running, tally.waiting) == (0, 2, 1)
 

@@ -10,7 +10,8 @@ alone, so any number of processes on any number of machines can work on one stud
   queued trials leave room; two workers that start the last free trial at the same moment are told apart by trial
   number, and the later one is recorded as ``surplus`` (failed, never evaluated, not counted). A trial that draws
   the parameters of a counted or running trial is recorded as a duplicate the same way, so no candidate is
-  evaluated twice. A worker with no trial left to start waits for the others' running trials, so every worker's
+  evaluated twice, and the worker's next trial draws at random (TPE, sure of its best region, would propose the
+  same candidate again). A worker with no trial left to start waits for the others' running trials, so every worker's
   results cover every trial.
 * **Only a dead worker loses its trial.** Every running trial beats Optuna's heartbeat (``HEARTBEAT_S``); a trial
   whose heartbeat stops for ``GRACE_S`` is failed by the next worker that looks and queued again with the same
@@ -84,12 +85,14 @@ class RetryDeadWorkersTrial(RetryHeartbeatStaleTrialCallback):
     """
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trial = copy.deepcopy(trial)
         drawn = trial.user_attrs.get(WORKER_ATTR)
         if not trial.params and isinstance(drawn, dict) and drawn.get("params"):
-            trial = copy.deepcopy(trial)
             trial.distributions = {k: optuna.distributions.json_to_distribution(d)
                                    for k, d in drawn["distributions"].items()}
             trial.params = drawn["params"]
+        # the copy names no worker (until one claims it, no worker, dead or alive, runs it) and carries no error
+        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k not in (WORKER_ATTR, "error")}
         super().__call__(study, trial)
 
 
@@ -158,13 +161,18 @@ class TrialSeededSampler(BaseSampler):
     def __init__(self, factory: Callable[[int], BaseSampler], seed: int):
         self._factory, self._seed = factory, seed
         self._inner = factory(seed)
+        self.explore_next = False  # the next trial draws at random (after a draw that repeated a candidate)
 
     @property
     def inner(self) -> BaseSampler:
         return self._inner
 
     def before_trial(self, study, trial: FrozenTrial) -> None:
-        self._inner = self._factory((self._seed * 1_000_003 + trial.number) % 2**32)
+        seed = (self._seed * 1_000_003 + trial.number) % 2**32
+        if self.explore_next:  # a model-based sampler that proposed a candidate already evaluated tends to again
+            self._inner, self.explore_next = optuna.samplers.RandomSampler(seed=seed), False
+        else:
+            self._inner = self._factory(seed)
         self._inner.before_trial(study, trial)
 
     def infer_relative_search_space(self, study, trial):
@@ -252,7 +260,7 @@ class SearchStudy:
         else:
             directions = ["maximize"]
             pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
-        sampler = TrialSeededSampler(sampler_factory(config), config.seed)
+        self.sampler = sampler = TrialSeededSampler(sampler_factory(config), config.seed)
         try:
             self.study = optuna.create_study(storage=self.storage, study_name=config.name, sampler=sampler,
                                              pruner=pruner, directions=directions, load_if_exists=True)
@@ -289,13 +297,13 @@ class SearchStudy:
             if pid is None or pid == os.getpid() or _alive(pid):
                 continue
             trial_id = self._trial_id(t.number)
-            try:  # the queued copy takes the trial's attributes as they were, without this error
+            try:
                 self.storage.set_trial_user_attr(trial_id, "error", "its worker stopped mid-trial (process gone)")
                 if not self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                     continue
             except optuna.exceptions.UpdateFinishedTrialError:  # another worker got there first
                 continue
-            retry(self.study, copy.deepcopy(t))
+            retry(self.study, t)
             released += 1
         before = len(self.trials((TrialState.FAIL,)))
         optuna.storages.fail_stale_trials(self.study)
@@ -333,6 +341,7 @@ class SearchStudy:
                     counts(t) or (t.state == TrialState.RUNNING and t.number < trial.number)):
                 trial.set_user_attr(DUPLICATE_ATTR, t.number)
                 trial.set_user_attr("error", f"not evaluated: the same parameters as trial {t.number}")
+                self.sampler.explore_next = True
                 raise Duplicate
 
     def record(self, trial: optuna.trial.Trial, outcome: Outcome) -> None:
