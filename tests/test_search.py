@@ -234,6 +234,7 @@ def test_python_api_returns_a_result(tmp_path):
     assert isinstance(result.arch, searchspace.Arch)
     assert result.load_model()(torch.randn(1, 1, 16, 16)).shape == (1, 10)
     assert SearchConfig(budget_ms=5.0).out_dir.name == "default-5.00ms"
+    assert SearchConfig(budget_ms=5.0, runtime="onnxruntime").out_dir.name == "default-5.00ms-onnxruntime"
 
 
 def test_tpe_is_guided_within_the_default_time_budget(tmp_path):

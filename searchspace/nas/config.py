@@ -98,7 +98,8 @@ class SearchConfig:
     def out_dir(self) -> Path:
         if self.out:
             return Path(self.out)
-        return Path("runs") / f"{_slug(self.space)}-{_slug(format_ms(self.budget_ms))}"
+        runtime = "" if self.runtime == "eager" else f"-{self.runtime}"  # a budget on another runtime is another search
+        return Path("runs") / f"{_slug(self.space)}-{_slug(format_ms(self.budget_ms))}{runtime}"
 
     @property
     def storage_url(self) -> str:
