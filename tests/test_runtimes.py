@@ -102,7 +102,12 @@ def test_a_runtime_that_computes_on_another_thread_is_caught_by_the_thread_clock
 
         def prepare(self, model, example, *, device, threads):
             pool = concurrent.futures.ThreadPoolExecutor(1)
-            return Prepared(lambda: pool.submit(time.sleep, 0.002).result(), RuntimeInfo(self.name, "1"), pool)
+            return Prepared(lambda: pool.submit(compute, 0.002).result(), RuntimeInfo(self.name, "1"), pool)
+
+    def compute(seconds):  # CPU work, on the pool's thread
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
 
     with pytest.raises(MeasurementError, match="computes on threads of its own"):
         measure_latency(tiny(), SPEC, threads=1, runtime=Offloaded(), timer=thread_cpu_timer, **QUICK)
