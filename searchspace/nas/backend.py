@@ -66,13 +66,18 @@ class Backend:
         interrupted = False
         try:
             while not interrupted:
+                stalled = False
                 if self.tally().startable and not self._timed_out():
                     known = len(self.study.trials())
                     interrupted = self.search()
-                    if len(self.study.trials()) == known:  # the backend had nothing more to propose
-                        break
-                # no trial left to start here: wait for the other workers' trials (a dead worker's is queued again)
-                if interrupted or self._timed_out() or self.study.wait_for_others(self.echo, deadline=self.deadline):
+                    stalled = len(self.study.trials()) == known
+                if interrupted or self._timed_out():
+                    break
+                if stalled and self.tally().startable:  # the backend has nothing more to propose
+                    break
+                # no trial left to start here (another worker may have just taken the last one): wait for the other
+                # workers' trials; a dead worker's is queued again, and run here
+                if self.study.wait_for_others(self.echo, deadline=self.deadline):
                     break
         except KeyboardInterrupt:
             interrupted = True
