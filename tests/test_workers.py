@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from searchspace import preset
 from searchspace.nas.candidate import Outcome
 from searchspace.nas.config import SearchConfig
+from searchspace.nas.storage import open_storage
 from searchspace.nas.study import (
     CONSTRAINTS_KEY,
     WORKER_ATTR,
@@ -208,7 +209,8 @@ def _worker(storage: str, out: Path, trials: int) -> subprocess.Popen:
     return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def _running_trial_of(storage: str, pid: int, deadline: float) -> int | None:
+def _running_trial_of(url: str, pid: int, deadline: float) -> int | None:
+    storage = open_storage(url)  # one connection pool for the whole poll (a new one per look exhausts the server)
     while time.monotonic() < deadline:
         try:
             study = optuna.load_study(study_name="shared", storage=storage)

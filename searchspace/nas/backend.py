@@ -123,11 +123,10 @@ class Backend:
         try:
             arch = self.space.sample(trial)
             try:
-                self.study.claim(trial)
+                self.study.admit(trial)
             except Surplus:
                 self.study.study.stop()
                 raise
-            self.study.check_new(trial)
             self.duplicates = 0
             outcome = self.runner.run(arch, report=report)
         except Skipped:

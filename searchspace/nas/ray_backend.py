@@ -127,7 +127,7 @@ from ..errors import MixerNASError, first_line
 from .backend import MAX_DUPLICATES, Backend
 from .candidate import CandidateRunner, Outcome, arch_model
 from .config import SearchConfig
-from .study import SearchStudy, Skipped, Surplus, record
+from .study import SearchStudy, Skipped, Surplus, pid_alive, record
 
 NAMESPACE = "mixernas"
 ARCH_KEY = "_arch"  # the candidate, as JSON, in a Tune trial's config
@@ -253,23 +253,6 @@ class ProcessorGate:
                 del self._leases[holder]
                 self.dropped.append(holder)
                 log.warning("latency gate: dropped the lease of %s (its process is gone)", holder)
-
-
-def pid_alive(pid: Any) -> bool:
-    """Whether process ``pid`` (on this machine) is running; zombies count as dead."""
-    if not isinstance(pid, int):
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 # ------------------------------------------------------------------------------------- the measuring actor
@@ -628,8 +611,7 @@ def _searcher_class():
                     self.trials[trial_id] = trial  # goes on
                     return {NUMBER_KEY: trial.number, SAMPLE_ERROR_KEY: f"{type(exc).__name__}: {exc}"}
                 try:  # the same protocol as every backend's (see searchspace.nas.study)
-                    self.shared.claim(trial)
-                    self.shared.check_new(trial)
+                    self.shared.admit(trial)
                 except Skipped as skipped:
                     self.study.tell(trial, state=TrialState.FAIL)
                     self.heartbeat.discard(trial)

@@ -10,7 +10,6 @@ the fix, with the password masked.
 
 from __future__ import annotations
 
-import inspect
 import re
 import warnings
 from collections.abc import Callable
@@ -48,17 +47,13 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     url = _with_driver(url)
     parsed = _parse(url, shown)
     _check_driver(parsed, shown)
-    callback = {}
-    if failed_trial_callback is not None:  # renamed heartbeat_stale_trial_callback in Optuna 4.9
-        name = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback"
-                in inspect.signature(optuna.storages.RDBStorage).parameters else "failed_trial_callback")
-        callback = {name: failed_trial_callback}
     try:
         with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna; the caller asked for them
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(
                 url, engine_kwargs=_engine_kwargs(parsed),
-                heartbeat_interval=heartbeat_interval, grace_period=grace_period, **callback)
+                heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                heartbeat_stale_trial_callback=failed_trial_callback)
     except sqlalchemy.exc.OperationalError as exc:  # no server, refused, wrong credentials, no such database/file
         raise MixerNASError(_connect_problem(parsed, shown, exc)) from None
     except sqlalchemy.exc.DBAPIError as exc:  # e.g. a user without the right to create Optuna's tables

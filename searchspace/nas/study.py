@@ -106,14 +106,21 @@ def _local_pid(worker: str | None) -> int | None:
     return int(pid)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """Whether process ``pid`` (on this machine) is running; zombies count as dead."""
+    if not isinstance(pid, int):
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 # ------------------------------------------------------------------------------------------------- sampling
@@ -294,7 +301,7 @@ class SearchStudy:
         retry = RetryDeadWorkersTrial(max_retry=MAX_RETRY)
         for t in self.trials((TrialState.RUNNING,)):
             pid = _local_pid(worker_of(t))
-            if pid is None or pid == os.getpid() or _alive(pid):
+            if pid is None or pid == os.getpid() or pid_alive(pid):
                 continue
             trial_id = self._trial_id(t.number)
             try:
@@ -311,7 +318,13 @@ class SearchStudy:
 
     # -------------------------------------------------------------------------------------------- trials
 
-    def claim(self, trial: optuna.trial.Trial) -> None:
+    def admit(self, trial: optuna.trial.Trial) -> None:
+        """:meth:`claim` and :meth:`check_new` on one read of the study (each read is a query to its database)."""
+        trials = self.trials()
+        self.claim(trial, trials)
+        self.check_new(trial, trials)
+
+    def claim(self, trial: optuna.trial.Trial, trials: Sequence[FrozenTrial] | None = None) -> None:
         """Mark a trial whose candidate is drawn as this worker's; raise :class:`Surplus` if the study's trials are
         all taken. The draw is stored with it: Optuna writes a trial's parameters only when it finishes, and a dead
         worker's trial is queued again with them."""
@@ -320,7 +333,7 @@ class SearchStudy:
             "distributions": {k: optuna.distributions.distribution_to_json(d) for k, d in trial.distributions.items()}})
         mine = None
         taken = 0
-        for t in self.trials():
+        for t in self.trials() if trials is None else trials:
             if t.number == trial.number:
                 mine = t
             elif counts(t) or t.state == TrialState.WAITING or (t.state == TrialState.RUNNING
@@ -333,10 +346,10 @@ class SearchStudy:
             trial.set_user_attr("error", "not evaluated: the study's trials were all taken by other workers")
             raise Surplus
 
-    def check_new(self, trial: optuna.trial.Trial) -> None:
+    def check_new(self, trial: optuna.trial.Trial, trials: Sequence[FrozenTrial] | None = None) -> None:
         """Raise :class:`Duplicate` if another worker's trial, or an earlier one, already has these parameters."""
         params = trial.params
-        for t in self.trials():
+        for t in self.trials() if trials is None else trials:
             if t.number != trial.number and t.params == params and (
                     counts(t) or (t.state == TrialState.RUNNING and t.number < trial.number)):
                 trial.set_user_attr(DUPLICATE_ATTR, t.number)
