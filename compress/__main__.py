@@ -26,17 +26,24 @@ pretrained=False: nothing is downloaded, the weights come from --checkpoint (.pt
 weights_only=True, or .safetensors; training-script layouts are unwrapped; a file that needs pickled code is
 refused, never executed).
 
-Data (--data): an image folder (one sub-folder per class, split reproducibly into train/validation), default the
-built-in handwritten digits (10 classes, 1 grey channel, 32x32). When the data does not match the checkpoint,
-it is made to fit and the report says so: grey images are repeated to the model's 3 input channels, and a
-classifier trained on other classes (an ImageNet checkpoint) is replaced by a new, untrained one for the data's
-classes - its accuracy starts at chance, so recipes for such checkpoints should fine-tune first.
+The model stays the user's: its input size, input channels and classifier are kept unless asked otherwise
+(--input-size, --num-classes, or the recipe's input_size).
+
+Data (--data): an image folder, one sub-folder per class (split reproducibly into train/validation), or a folder
+of loose images (unlabelled); default the built-in handwritten digits, resized to the model's input size and
+repeated to its 3 channels. Data without labels of the checkpoint's classes (the digits for an ImageNet
+checkpoint, loose images) is used unlabelled: the training steps learn the original model's outputs
+(distillation), and the report gives agreement with the original model's top-1 instead of accuracy. A --data
+folder whose classes differ from the checkpoint's replaces the classifier with a new, untrained one for those
+classes (its accuracy starts at chance, so such recipes should fine-tune first); the summary says so.
 
 Units: latency in milliseconds (ms) or microseconds (us), measured on --device with --threads at batch 1 and
 --input-size pixels: the median of short interleaved rounds (reference-corrected on the CPU), with the spread of
 the rounds in percent. Params and MACs (multiply-accumulates of one forward pass) are counts; accuracy is
 validation top-1 in [0, 1]. The
 speed-up is original / compressed latency, measured side by side in one run."""
+
+DEFAULT_INPUT_SIZE = 224  # what timm's models and the MixerNAS presets are configured for
 
 EPILOG = """\
 output folder (--out): model/ (compressed.json + model.safetensors; reload with compress.load(folder)),
@@ -59,13 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output folder (default: runs/compress/<model>-<recipe>)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--input-size", type=int, default=None, metavar="PIXELS",
-                   help="square image side in pixels (default: the recipe's input_size, else the size a results "
-                        "folder was searched at, else the data's: 32 for the digits, 64 for a folder)")
+                   help="square image side in pixels the model is compressed and measured at (default: the recipe's "
+                        "input_size, else the model's own: the size a ViT checkpoint's grid was trained at, a timm "
+                        f"model's configured size, the size a results folder was searched at; else "
+                        f"{DEFAULT_INPUT_SIZE})")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads for training and measuring (default: torch's; 1 gives the steadiest "
                         "latencies on a small shared CPU)")
     p.add_argument("--num-classes", type=int, default=None,
-                   help="classes of the checkpoint's classifier (default: read from the checkpoint)")
+                   help="classes the compressed model predicts (default: the checkpoint's, read from it); another "
+                        "number replaces the classifier and needs --data with that many classes")
     p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a timm training checkpoint")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split (default: 0)")
     g = p.add_argument_group("latency measurement")
@@ -118,27 +128,13 @@ def _default_out(model: str, recipe: str) -> Path:
     return Path("runs") / "compress" / re.sub(r"[^\w.-]+", "_", f"{stem}-{recipe}")
 
 
-def _size_hint(model: str) -> int | None:
-    """The input size a results or compressed-model folder was made at, if it says."""
-    from . import saving
-    from .checkpoint import results_input_size
-
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return None
-    if saving.is_saved_model(path):
-        size = saving.read_manifest(path).get("extra", {}).get("input_size")
-        return int(size) if isinstance(size, int) else None
-    return results_input_size(path)
-
-
 def run(args: argparse.Namespace) -> int:
     from searchspace.data import load_data
     from searchspace.latency import InputSpec, resolve_device
     from searchspace.runtimes import get_runtime
 
     from . import apply, saving
-    from .checkpoint import adapt_to_data, create_model, read_state_dict
+    from .checkpoint import adapt_to_data, create_model, model_num_classes, read_state_dict
     from .recipe import load_recipe
     from .steps.measure import MeasureOptions
 
@@ -160,12 +156,13 @@ def run(args: argparse.Namespace) -> int:
     log = (lambda message: None) if args.quiet else (lambda message: print(message, flush=True))
 
     state = read_state_dict(args.checkpoint, use_ema=args.use_ema) if args.checkpoint else None  # fail fast
-    size = args.input_size or recipe.input_size or _size_hint(args.model)
-    data = load_data(args.data, input_size=size, seed=args.seed)
+    asked = args.input_size or recipe.input_size
+    loaded = create_model(args.model, checkpoint=state, checkpoint_label=args.checkpoint, input_size=asked)
+    size = asked or loaded.input_size or DEFAULT_INPUT_SIZE
+    data = load_data(args.data, input_size=size, seed=args.seed, allow_unlabelled=True)
     log(f"data: {data.describe()}")
-    loaded = create_model(args.model, checkpoint=state, checkpoint_label=args.checkpoint,
-                          num_classes=args.num_classes, input_size=data.input_size)
-    model, data, notes = adapt_to_data(loaded.model, data, seed=args.seed)
+    model, data, notes = adapt_to_data(loaded.model, data, seed=args.seed, num_classes=args.num_classes,
+                                       other_classes="replace" if args.data else "distil")
     label = f"{loaded.kind} model {loaded.name!r}" + (f" (checkpoint {args.checkpoint})" if args.checkpoint else "")
     spec = InputSpec(batch=1, channels=data.in_chans, height=data.input_size, width=data.input_size)
     out = Path(args.out) if args.out else _default_out(args.model, recipe.name)
@@ -177,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
         step_latency=not args.no_step_latency, label=label, notes=loaded.notes + notes, log=log)
 
     extra = {"recipe": recipe.name, "input_size": data.input_size, "in_chans": data.in_chans,
-             "num_classes": data.num_classes, "class_names": list(data.class_names), "data": data.describe(),
+             "num_classes": model_num_classes(compressed),
+             "class_names": list(data.class_names) if data.labelled else None, "data": data.describe(),
              "mean": list(data.mean), "std": list(data.std), "from": label, "change": report.change()}
     saving.save(compressed, out / "model", example=spec, extra=extra)
     report.write(out)

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import math
 import pickle
 import re
 import sys
@@ -306,6 +307,8 @@ def create_model(name: str | Path, *, checkpoint: str | Path | Mapping[str, torc
     import timm
 
     if timm.is_model(text):
+        if input_size is None and state is not None:
+            input_size = grid_input_size(state)
         return _build(lambda n, c: _timm(text, n, c, input_size), text, "timm", state, source, num_classes,
                       in_chans)
     known = list(PRESETS.names()) + timm.list_models()
@@ -320,6 +323,30 @@ def _mixernas(arch: Any, num_classes: int | None, in_chans: int | None) -> nn.Mo
 
     return build_model(arch, num_classes=1000 if num_classes is None else num_classes,
                        in_chans=3 if in_chans is None else in_chans)
+
+
+def grid_input_size(state: Mapping[str, torch.Tensor]) -> int | None:
+    """The image side a ViT-style checkpoint was trained at, read from its position embedding and patch size
+    (``pos_embed`` of ``1 x (prefix + g*g) x C`` and a ``p x p`` patch: ``g * p``); None for other checkpoints."""
+    pos, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if pos is None or patch is None or pos.ndim != 3 or patch.ndim != 4:
+        return None
+    prefix = sum(int(state[k].shape[1]) for k in ("cls_token", "dist_token", "reg_token")
+                 if k in state and state[k].ndim == 3)
+    for n in (pos.shape[1] - prefix, pos.shape[1]):  # position embeddings with, then without, the prefix tokens
+        side = math.isqrt(max(n, 0))
+        if n > 0 and side * side == n:
+            return side * int(patch.shape[-1])
+    return None
+
+
+def native_input_size(model: nn.Module) -> int | None:
+    """The image side a model is built for: a fixed grid's (ViT), else its timm configuration's, else None."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size:
+        return int(img_size[-1] if isinstance(img_size, (tuple, list)) else img_size)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[-1]) if size else None
 
 
 def _timm(name: str, num_classes: int | None, in_chans: int | None, input_size: int | None) -> nn.Module:
@@ -359,7 +386,7 @@ def _build(make, name: str, kind: str, state: dict[str, torch.Tensor] | None, so
         if (classes is not None and classes != model_num_classes(model)) or (
                 chans is not None and chans != model_in_chans(model)):
             model = make(classes, chans)
-    loaded = LoadedModel(model, name, kind)
+    loaded = LoadedModel(model, name, kind, input_size=native_input_size(model) if kind == "timm" else None)
     if state is not None:
         loaded.notes += load_weights(model, state, source=source, model_name=f"{kind} model {name!r}")
     return loaded
@@ -401,15 +428,26 @@ def results_input_size(path: Path) -> int | None:
 # --------------------------------------------------------------------------------------------- fitting the data
 
 
-def adapt_to_data(model: nn.Module, data: Any, *, seed: int = 0) -> tuple[nn.Module, Any, list[str]]:
-    """Make ``model`` and ``data`` (a DataBundle) fit each other, honestly; returns ``(model, data, notes)``.
+OTHER_CLASSES = ("distil", "replace")  # what adapt_to_data does with data of classes the classifier does not know
+
+
+def adapt_to_data(model: nn.Module, data: Any, *, seed: int = 0, num_classes: int | None = None,
+                  other_classes: str = "distil") -> tuple[nn.Module, Any, list[str]]:
+    """Make ``model`` and ``data`` (a DataBundle) fit each other, keeping the model; returns ``(model, data, notes)``.
 
     * Grey data (1 channel) for a model that takes 3: the grey channel is repeated (exactly what a grey photo
       looks like in RGB); other channel mismatches are an error.
-    * A classifier with another number of classes than the data (an ImageNet checkpoint on the digits): the
-      classifier is replaced by a newly initialised one for the data's classes (``reset_classifier``). Its
-      accuracy starts at chance level, and so do the teacher's logits: a recipe should fine-tune first.
+    * ``num_classes`` different from the classifier's: the classifier is replaced by a new one for that many
+      classes (the data must have them, with labels).
+    * Data whose classes are not the classifier's (the digits for an ImageNet checkpoint): with ``other_classes=
+      "distil"`` (the default) the classifier is kept and the data is used without its labels (``labelled=False``):
+      the training steps learn the original model's outputs, and agreement with it is reported instead of accuracy.
+      With ``"replace"`` the classifier is replaced by a new, untrained one for the data's classes (chance accuracy
+      until fine-tuned).
+    * Unlabelled data (a folder of loose images) keeps the classifier.
     """
+    if other_classes not in OTHER_CLASSES:
+        raise MixerNASError(f"other_classes must be one of {', '.join(OTHER_CLASSES)}, got {other_classes!r}")
     notes: list[str] = []
     want = model_in_chans(model)
     if want is not None and want != data.in_chans:
@@ -419,18 +457,40 @@ def adapt_to_data(model: nn.Module, data: Any, *, seed: int = 0) -> tuple[nn.Mod
         data = repeat_channels(data, want)
         notes.append(f"the data's grey channel is repeated to the model's {want} input channels")
     classes = model_num_classes(model)
-    if classes is not None and classes != data.num_classes:
-        if not callable(getattr(model, "reset_classifier", None)):
-            raise MixerNASError(f"the model predicts {classes} classes but the data has {data.num_classes}, and it "
-                                f"has no reset_classifier() to replace its classifier; use matching data")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model.reset_classifier(data.num_classes)
-        model.__dict__[HEAD_RESET_ATTR] = True  # compress.apply warns if it becomes a teacher untrained
-        notes.append(f"classifier replaced: the checkpoint predicts {classes} classes, the data has "
-                     f"{data.num_classes}; the new classifier starts untrained (chance accuracy), so fine-tune "
-                     f"before distilling from this model")
+    if num_classes is not None and num_classes != classes:
+        if not data.labelled or data.num_classes != num_classes:
+            has = f"{data.num_classes} labelled classes" if data.labelled else "no labels"
+            raise MixerNASError(f"--num-classes {num_classes} asks for a new classifier, but the data has {has}; "
+                                f"give --data a folder with {num_classes} class sub-folders")
+        _replace_classifier(model, num_classes, seed)
+        notes.append(f"classifier replaced as asked: {classes} -> {num_classes} classes; the new classifier starts "
+                     f"untrained (chance accuracy), so fine-tune before distilling from this model")
+    elif not data.labelled:
+        notes.append("the data has no labels: the training steps learn the original model's outputs (distillation), "
+                     "and agreement with the original model is reported instead of accuracy")
+    elif classes is not None and classes != data.num_classes:
+        if other_classes == "replace":
+            _replace_classifier(model, data.num_classes, seed)
+            notes.append(f"classifier replaced: the checkpoint predicts {classes} classes, the data has "
+                         f"{data.num_classes}; the new classifier starts untrained (chance accuracy), so fine-tune "
+                         f"before distilling from this model")
+        else:
+            data = data.unlabelled()
+            notes.append(f"classifier kept: the checkpoint predicts {classes} classes and the data ({data.source}) "
+                         f"has {data.num_classes} others, so its images are used without labels: the training steps "
+                         f"learn the original model's outputs, and agreement with it is reported instead of accuracy "
+                         f"(give --data a folder of the checkpoint's {classes} classes for accuracy)")
     return model, data, notes
+
+
+def _replace_classifier(model: nn.Module, num_classes: int, seed: int) -> None:
+    if not callable(getattr(model, "reset_classifier", None)):
+        raise MixerNASError(f"the model has no reset_classifier() to replace its classifier with one for "
+                            f"{num_classes} classes; use data of its own classes")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.reset_classifier(num_classes)
+    model.__dict__[HEAD_RESET_ATTR] = True  # compress.apply warns if it becomes a teacher untrained
 
 
 def repeat_channels(data: Any, channels: int) -> Any:

@@ -75,6 +75,8 @@ class Report:
             out["speedup"] = b["latency_ms"] / a["latency_ms"]
         if b.get("accuracy") is not None and a.get("accuracy") is not None:
             out["accuracy_change"] = a["accuracy"] - b["accuracy"]
+        if a.get("agreement") is not None:
+            out["agreement"] = a["agreement"]
         return out
 
     def write(self, folder: str | Path) -> tuple[Path, Path]:
@@ -98,7 +100,8 @@ class Report:
                   f"- input: {shape}, device {self.device}", f"- total time: {self.seconds:.1f} s", ""]
         if self.notes:
             lines += ["**Notes**", ""] + [f"- {n}" for n in self.notes] + [""]
-        lines += ["| | params | MACs | latency (spread) | accuracy | step time |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["| | params | MACs | latency (spread) | accuracy | agreement | step time |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         lines.append(_row("before", self.before, None))
         for s in self.steps:
             lines.append(_row(f"{s.index}. {s.name}", s.after, s.seconds))
@@ -135,14 +138,17 @@ class Report:
         if "accuracy_change" in change:
             out.append(f"Accuracy {b['accuracy']:.4f} -> {a['accuracy']:.4f} "
                        f"({100 * change['accuracy_change']:+.2f} points).")
+        if "agreement" in change:
+            out.append(f"Agreement with the original model's top-1 class: {change['agreement']:.4f} of the "
+                       f"validation images.")
         return out
 
     def summary(self) -> str:
-        """A few lines for a terminal."""
-        return "\n".join(self._summary_lines())
+        """A few lines for a terminal: the notes (a replaced classifier, unlabelled data), then the figures."""
+        return "\n".join([f"Note: {n}" for n in self.notes] + self._summary_lines())
 
 
-_COLUMNS = {"params", "macs", "latency_ms", "latency_spread", "latency_context", "accuracy", "seconds"}
+_COLUMNS = {"params", "macs", "latency_ms", "latency_spread", "latency_context", "accuracy", "agreement", "seconds"}
 
 
 def _row(label: str, f: dict[str, Any], seconds: float | None) -> str:
@@ -152,9 +158,10 @@ def _row(label: str, f: dict[str, Any], seconds: float | None) -> str:
     if f.get("latency_ms") is not None:
         latency = f"{format_ms(f['latency_ms'])} ({f.get('latency_spread', 0):.1%})"
     acc = "" if f.get("accuracy") is None else f"{f['accuracy']:.4f}"
+    agree = "" if f.get("agreement") is None else f"{f['agreement']:.4f}"
     time = "" if seconds is None else f"{seconds:.1f} s"
     return (f"| {label} | {_si(f['params']) if 'params' in f else ''} | {_si(f['macs']) if 'macs' in f else ''} | "
-            f"{latency} | {acc} | {time} |")
+            f"{latency} | {acc} | {agree} | {time} |")
 
 
 def _si(n: float) -> str:

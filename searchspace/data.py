@@ -27,6 +27,7 @@ the same folder and seed always give the same split.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ class DataBundle:
     source: str  # where the data came from, for reports
     mean: tuple[float, ...]  # per-channel normalisation applied to the images (for preprocessing at deployment)
     std: tuple[float, ...]
+    labelled: bool = True  # False: the labels are placeholders (a folder of loose images; see ``unlabelled``)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -70,12 +72,16 @@ class DataBundle:
     def describe(self) -> str:
         """One line: ``digits (scikit-learn): 10 classes, 1437 train / 360 val images, 1x32x32``."""
         c, h, w = self.input_shape
-        return (f"{self.source}: {self.num_classes} classes, {len(self.train)} train / {len(self.val)} val images, "
-                f"{c}x{h}x{w}")
+        classes = f"{self.num_classes} classes" if self.labelled else "unlabelled"
+        return f"{self.source}: {classes}, {len(self.train)} train / {len(self.val)} val images, {c}x{h}x{w}"
+
+    def unlabelled(self) -> DataBundle:
+        """The same images without their labels, for training that learns a teacher's outputs instead."""
+        return dataclasses.replace(self, labelled=False, source=f"{self.source}, labels unused")
 
 
 def load_data(path: str | Path | None = None, *, input_size: int | None = None, val_fraction: float = 0.2,
-              seed: int = 0, max_memory_mb: float = 1024) -> DataBundle:
+              seed: int = 0, max_memory_mb: float = 1024, allow_unlabelled: bool = False) -> DataBundle:
     """The built-in digits (``path=None``) or an image folder, split into train/val reproducibly by ``seed``.
 
     Args:
@@ -85,6 +91,8 @@ def load_data(path: str | Path | None = None, *, input_size: int | None = None, 
         seed: seed of the split; the same data and seed always give the same split.
         max_memory_mb: a folder whose decoded images (float32) fit in this many MB is loaded into memory once;
             a larger one is decoded lazily per image.
+        allow_unlabelled: accept a folder of loose images (no class sub-folders) as unlabelled data
+            (``labelled=False``); compression distils from a teacher on such images.
 
     Raises:
         MixerNASError: a missing or malformed folder, an unreadable image, or an invalid argument; the message
@@ -98,7 +106,8 @@ def load_data(path: str | Path | None = None, *, input_size: int | None = None, 
         return load_digits(input_size=DIGITS_INPUT_SIZE if input_size is None else input_size,
                            val_fraction=val_fraction, seed=seed)
     return load_image_folder(path, input_size=FOLDER_INPUT_SIZE if input_size is None else input_size,
-                             val_fraction=val_fraction, seed=seed, max_memory_mb=max_memory_mb)
+                             val_fraction=val_fraction, seed=seed, max_memory_mb=max_memory_mb,
+                             allow_unlabelled=allow_unlabelled)
 
 
 # ------------------------------------------------------------------------------------------------------- digits
@@ -130,11 +139,13 @@ def load_digits(*, input_size: int = DIGITS_INPUT_SIZE, val_fraction: float = 0.
 
 
 def load_image_folder(path: str | Path, *, input_size: int = FOLDER_INPUT_SIZE, val_fraction: float = 0.2,
-                      seed: int = 0, max_memory_mb: float = 1024) -> DataBundle:
-    """An image folder (one sub-folder per class) as RGB ``input_size`` squares; see the module docstring."""
+                      seed: int = 0, max_memory_mb: float = 1024, allow_unlabelled: bool = False) -> DataBundle:
+    """An image folder (one sub-folder per class) as RGB ``input_size`` squares; see the module docstring.
+    With ``allow_unlabelled``, a folder of loose images is unlabelled data (every placeholder label 0)."""
     _check_input_size(input_size)
     root = Path(path).expanduser()
-    class_names, files, labels = scan_image_folder(root)
+    class_names, files, labels = scan_image_folder(root, allow_unlabelled=allow_unlabelled)
+    labelled = bool(class_names)
     train_idx, val_idx = stratified_split(labels, val_fraction, seed)
     if not val_idx:
         raise MixerNASError(f"data folder {str(root)!r} has too few images to hold out a validation set (every class "
@@ -159,12 +170,14 @@ def load_image_folder(path: str | Path, *, input_size: int = FOLDER_INPUT_SIZE, 
     return DataBundle(
         train=train, val=val, num_classes=len(class_names), in_chans=3, input_size=input_size,
         class_names=tuple(class_names), source=f"image folder {str(root)!r}" + ("" if in_memory else " (lazy)"),
-        mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+        mean=tuple(mean.tolist()), std=tuple(std.tolist()), labelled=labelled,
     )
 
 
-def scan_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
-    """``(class_names, files, labels)`` of an image folder, sorted; malformed folders raise MixerNASError."""
+def scan_image_folder(root: Path, *, allow_unlabelled: bool = False) -> tuple[list[str], list[Path], list[int]]:
+    """``(class_names, files, labels)`` of an image folder, sorted; malformed folders raise MixerNASError.
+
+    With ``allow_unlabelled``, a folder of loose images gives no class names and placeholder labels 0."""
     if not root.exists():
         raise MixerNASError(f"data folder {str(root)!r} does not exist; pass a folder with one sub-folder of images "
                             f"per class (e.g. {str(root / 'cat' / '1.png')!r})")
@@ -173,7 +186,9 @@ def scan_image_folder(root: Path) -> tuple[list[str], list[Path], list[int]]:
                             f"images per class")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        loose = [p for p in root.iterdir() if _is_image_file(p)]
+        loose = sorted(p for p in root.iterdir() if _is_image_file(p) and not p.name.startswith("."))
+        if allow_unlabelled and len(loose) >= 2:
+            return [], loose, [0] * len(loose)
         found = f" (it holds {len(loose)} images directly)" if loose else ""
         raise MixerNASError(f"data folder {str(root)!r} has no class sub-folders{found}; put the images of each class "
                             f"in a sub-folder named after the class (e.g. {str(root / 'cat' / '1.png')!r})")

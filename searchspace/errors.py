@@ -39,3 +39,11 @@ class InvalidArchError(MixerNASError, ValueError):
     def __init__(self, field: str, problem: str):
         super().__init__(f"invalid architecture: {field}: {problem}")
         self.field = field
+
+
+class EvaluationError(MixerNASError):
+    """An evaluation that produced no usable number (the trial fails; a search goes on)."""
+
+
+class TrainingDiverged(EvaluationError):
+    """The training loss or the weights became NaN or infinite."""

@@ -41,12 +41,11 @@ machine busy (on a quieter moment the largest default-space network took 45 s wi
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,24 +53,21 @@ import optuna
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .arch import Arch
 from .data import DataBundle
-from .errors import MixerNASError, UnknownNameError
+from .errors import (
+    EvaluationError,
+    MixerNASError,
+    TrainingDiverged,  # noqa: F401  (raised by the training loop; importable from here as before)
+    UnknownNameError,
+)
 from .latency.measure import num_threads
 from .model import build_model
+from .training import Schedule, batches, cross_entropy, seeded, train, validate
 
 Report = Callable[[int, float], "bool | None"]  # report(epoch, val_accuracy) -> True to prune the trial
 ArchLike = Arch | str | Mapping[str, Any]
-
-
-class EvaluationError(MixerNASError):
-    """An evaluation that produced no usable number (the trial fails; a search goes on)."""
-
-
-class TrainingDiverged(EvaluationError):
-    """The training loss or the weights became NaN or infinite."""
 
 
 class TrialPruned(optuna.TrialPruned):
@@ -186,49 +182,27 @@ class TrainEvaluator(Evaluator):
         """Like :meth:`evaluate`, and also returns the trained model (in eval mode) to save or train further."""
         start = time.perf_counter()
         device = _device(self.device)
-        with num_threads(self.threads), _seeded(self.seed, device):
+        schedule = Schedule(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                            batch_size=self.batch_size, warmup=self.warmup_epochs / self.epochs,
+                            grad_clip=self.grad_clip, augment=self.augment, seed=self.seed)
+        accuracies: list[float] = []
+        losses: list[float] = []
+        val_losses: list[float] = []
+
+        def after_epoch(epoch: int, loss: float) -> None:
+            val_acc, val_loss = validate(model, data.val, self.eval_batch_size, device)
+            losses.append(loss)
+            accuracies.append(val_acc)
+            val_losses.append(val_loss)
+            # every epoch is reported (the pruner's statistics need the last one too), but a training that
+            # has finished is never thrown away: pruning only saves the epochs still to come
+            if report is not None and report(epoch, val_acc) and epoch < self.epochs:
+                raise TrialPruned(self._result(accuracies, losses, val_losses, params, start, pruned=True))
+
+        with num_threads(self.threads), seeded(self.seed, device):
             model = build_model(arch, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
             params = sum(p.numel() for p in model.parameters())
-            optimizer = torch.optim.AdamW(_param_groups(model, self.weight_decay), lr=self.lr)
-            steps_per_epoch = _num_batches(len(data.train), self.batch_size)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, _warmup_cosine(round(self.warmup_epochs * steps_per_epoch), self.epochs * steps_per_epoch))
-            generator = torch.Generator().manual_seed(self.seed)
-            accuracies: list[float] = []
-            losses: list[float] = []
-            val_losses: list[float] = []
-            for epoch in range(1, self.epochs + 1):
-                model.train()
-                total, count = 0.0, 0
-                for step, (images, labels) in enumerate(_batches(data.train, self.batch_size, generator), 1):
-                    if self.augment:
-                        images = random_shift(images, generator)
-                    images, labels = images.to(device), labels.to(device)
-                    loss = F.cross_entropy(model(images), labels, label_smoothing=self.label_smoothing)
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(
-                            f"training diverged: loss is {loss.item()} at epoch {epoch}, step {step} (lr={self.lr}); "
-                            f"lower the learning rate")
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
-                    optimizer.step()
-                    scheduler.step()
-                    total += loss.item() * len(labels)
-                    count += len(labels)
-                if not all(torch.isfinite(p).all() for p in model.parameters()):
-                    raise TrainingDiverged(f"training diverged: weights became NaN or infinite in epoch {epoch} "
-                                           f"(lr={self.lr}); lower the learning rate")
-                losses.append(total / count)
-                val_acc, val_loss = validate(model, data.val, self.eval_batch_size, device)
-                accuracies.append(val_acc)
-                val_losses.append(val_loss)
-                # every epoch is reported (the pruner's statistics need the last one too), but a training that
-                # has finished is never thrown away: pruning only saves the epochs still to come
-                if report is not None and report(epoch, val_acc) and epoch < self.epochs:
-                    raise TrialPruned(self._result(accuracies, losses, val_losses, params, start, pruned=True))
-        model.eval()
+            train(model, data, cross_entropy(self.label_smoothing), schedule, device=device, after_epoch=after_epoch)
         return model, self._result(accuracies, losses, val_losses, params, start)
 
     def _result(self, accuracies: list[float], losses: list[float], val_losses: list[float], params: int,
@@ -237,83 +211,6 @@ class TrainEvaluator(Evaluator):
                           accuracies=tuple(accuracies), train_losses=tuple(losses), val_losses=tuple(val_losses),
                           epochs=len(accuracies),
                           seconds=time.perf_counter() - start, params=params, pruned=pruned)
-
-
-def validate(model: nn.Module, dataset: Dataset, batch_size: int = 256,
-             device: torch.device | str = "cpu") -> tuple[float, float]:
-    """``(top-1 accuracy in [0, 1], mean cross-entropy)`` of ``model`` on ``dataset`` (eval mode, no gradients)."""
-    model.eval()
-    correct = seen = 0
-    loss = 0.0
-    with torch.no_grad():
-        for images, labels in _batches(dataset, batch_size):
-            logits = model(images.to(device)).cpu()
-            correct += (logits.argmax(dim=1) == labels).sum().item()
-            loss += F.cross_entropy(logits.double(), labels, reduction="sum").item()
-            seen += len(labels)
-    return correct / max(seen, 1), loss / max(seen, 1)
-
-
-def random_shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Each image shifted by up to 1/8 of its size in x and y, edges replicated (digits must not be flipped)."""
-    pad = max(1, images.shape[-1] // 8)
-    padded = F.pad(images, (pad, pad, pad, pad), mode="replicate")
-    offsets = torch.randint(0, 2 * pad + 1, (len(images), 2), generator=generator).tolist()
-    h, w = images.shape[-2:]
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    # decay only weight matrices and kernels: biases, norm affines and learnable scales are 1-D (timm's rule)
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def _num_batches(n: int, batch_size: int) -> int:
-    return n // batch_size if n >= batch_size else 1
-
-
-def _batches(dataset: Dataset, batch_size: int,
-             generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of ``(images, labels)``; shuffled with ``generator`` (last partial batch dropped), else in order.
-
-    In-memory data (``TensorDataset``) is sliced directly, which is much faster than a ``DataLoader`` for small
-    images; dropping the partial batch keeps BatchNorm from ever seeing a batch of one.
-    """
-    shuffle = generator is not None
-    n = len(dataset)
-    if isinstance(dataset, TensorDataset):
-        images, labels = dataset.tensors[0], dataset.tensors[1]
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        end = _num_batches(n, batch_size) * batch_size if shuffle else n
-        for i in range(0, min(end, n), batch_size):
-            index = order[i:i + batch_size]
-            yield images[index], labels[index]
-        return
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                        drop_last=shuffle and n >= batch_size)
-    for images, labels in loader:
-        yield images, torch.as_tensor(labels)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Seed torch inside, and give the caller back its own random state afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -462,7 +359,7 @@ class ZeroCostEvaluator(Evaluator):
         """The proxy's score of ``arch`` at initialisation; ``report`` is accepted for symmetry and never called."""
         start = time.perf_counter()
         device = _device(self.device)
-        with num_threads(self.threads), _seeded(self.seed, device):
+        with num_threads(self.threads), seeded(self.seed, device):
             model = build_model(arch, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
             params = param_count(model)
             if self.proxy == "params":
@@ -471,7 +368,7 @@ class ZeroCostEvaluator(Evaluator):
                 score = synflow(model, data.input_shape)
             else:
                 generator = torch.Generator().manual_seed(self.seed)
-                images, labels = next(_batches(data.train, min(self.batch_size, len(data.train)), generator))
+                images, labels = next(batches(data.train, min(self.batch_size, len(data.train)), generator))
                 score = naswot(model, images) if self.proxy == "naswot" else grad_norm(model, images, labels)
         if not math.isfinite(score):
             raise EvaluationError(f"zero-cost proxy {self.proxy!r} gave {score} for this architecture; "

@@ -296,21 +296,44 @@ def test_model_resolution_reads_classes_and_channels_from_the_checkpoint(tmp_pat
         create_model("IdentityFormer-S12", checkpoint=tmp_path / "t.pth")
 
 
-def test_timm_imagenet_checkpoint_on_grey_digits_is_adapted_and_says_so(tmp_path, digits):
+def test_timm_imagenet_checkpoint_on_grey_digits_keeps_its_classifier_and_says_so(tmp_path, digits):
     import timm
 
     torch.manual_seed(0)
     torch.save({"state_dict": timm.create_model("poolformerv2_s12").state_dict()}, tmp_path / "pf.pth")
     loaded = create_model("poolformerv2_s12", checkpoint=tmp_path / "pf.pth", input_size=32)
     assert loaded.kind == "timm" and loaded.model.num_classes == 1000
+    head = loaded.model.get_classifier().weight.clone()
     model, data, notes = adapt_to_data(loaded.model, digits)
     assert data.in_chans == 3 and data.train.tensors[0].shape[1:] == (3, 32, 32)
     assert torch.equal(data.val.tensors[0][:, 0], data.val.tensors[0][:, 2])  # the grey channel, repeated
-    assert model.num_classes == 10 and outputs(model, data.val.tensors[0][:2]).shape == (2, 10)
+    assert model.num_classes == 1000 and torch.equal(model.get_classifier().weight, head)  # the user's, kept
+    assert not data.labelled and "labels unused" in data.describe()
     assert any("grey channel is repeated" in n for n in notes)
+    assert any("classifier kept" in n and "1000" in n and "agreement" in n for n in notes)
+    # asked for: a classifier for the data's classes
+    model, data, notes = adapt_to_data(loaded.model, digits, other_classes="replace")
+    assert model.num_classes == 10 and data.labelled and outputs(model, data.val.tensors[0][:2]).shape == (2, 10)
     assert any("classifier replaced" in n and "1000" in n and "untrained" in n for n in notes)
     with pytest.raises(MixerNASError, match="the model takes 1 input channels but the data has 3"):
         adapt_to_data(tiny_model(), dataclasses.replace(digits, in_chans=3))
+    with pytest.raises(MixerNASError, match="--num-classes 7 asks for a new classifier, but the data has 10"):
+        adapt_to_data(tiny_model(), digits, num_classes=7)
+
+
+def test_vit_checkpoint_input_size_is_read_from_its_position_embedding(tmp_path):
+    import timm
+
+    from compress.checkpoint import grid_input_size
+
+    torch.manual_seed(0)
+    state = timm.create_model("vit_tiny_patch16_224", img_size=48).state_dict()
+    assert grid_input_size(state) == 48  # 3x3 patches of 16 + a class token
+    assert grid_input_size(timm.create_model("deit_tiny_distilled_patch16_224").state_dict()) == 224  # 2 prefixes
+    assert grid_input_size(tiny_model().state_dict()) is None  # no grid: a convolutional model
+    torch.save(state, tmp_path / "vit.pth")
+    loaded = create_model("vit_tiny_patch16_224", checkpoint=tmp_path / "vit.pth")
+    assert loaded.input_size == 48 and loaded.model.pos_embed.shape == (1, 10, 192) and not loaded.notes
 
 
 def test_timm_vit_checkpoint_at_another_image_size_is_converted_by_timm(tmp_path):
@@ -509,7 +532,7 @@ def test_cli_runs_a_recipe_and_writes_model_report_and_recipe(tmp_path, capsys):
     recipe = _write_recipe(tmp_path, ["measure", {"low_rank": {"rank_ratio": 0.25}}, {"finetune": {"epochs": 1}}])
     out = tmp_path / "out"
     argv = ["--recipe", str(recipe), "--model", str(_arch_file(tmp_path)), "--checkpoint", str(tmp_path / "tiny.pth"),
-            "--out", str(out), "--quiet", *CLI_FAST]
+            "--out", str(out), "--quiet", "--input-size", "32", *CLI_FAST]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "side by side" in printed and str(out) in printed
@@ -519,7 +542,8 @@ def test_cli_runs_a_recipe_and_writes_model_report_and_recipe(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert [s["name"] for s in report["steps"]] == ["measure", "low_rank", "finetune"]
     for figures in [report["before"]] + [s["after"] for s in report["steps"]] + [report["after"]]:
-        assert {"params", "macs", "latency_ms", "latency_spread", "latency_context", "accuracy"} <= set(figures)
+        assert {"params", "macs", "latency_ms", "latency_spread", "latency_context", "accuracy",
+                "agreement"} <= set(figures)
     assert report["after"]["params"] < report["before"]["params"]
     assert report["side_by_side"]["speedup"] > 0 and "1 thread" in report["side_by_side"]["context"]
     assert {"params_ratio", "macs_ratio", "speedup", "accuracy_change"} <= set(report["change"])
@@ -532,21 +556,71 @@ def test_cli_runs_a_recipe_and_writes_model_report_and_recipe(tmp_path, capsys):
     assert manifest["extra"]["input_size"] == 32 and manifest["extra"]["recipe"] == "tiny"
 
 
-def test_cli_timm_imagenet_checkpoint_on_the_digits_notes_what_it_changed(tmp_path):
+def test_cli_compressing_a_timm_checkpoint_without_data_keeps_its_input_size_and_classes(tmp_path, capsys):
+    """The issue's case: a timm ViT checkpoint (here trained at 48x48, a grid of 3x3 patches) and no --data. The
+    compressed model takes the same input and predicts the same 1000 classes; the training step learnt the original
+    model's outputs on the digits (no labels of its classes), and the report gives agreement, not accuracy."""
     import timm
 
+    torch.manual_seed(0)
+    original = timm.create_model("vit_tiny_patch16_224", img_size=48).eval()
+    torch.save({"state_dict": original.state_dict(), "epoch": 3}, tmp_path / "vit.pth")
+    recipe = _write_recipe(tmp_path, [{"token_prune": {"keep_rate": 0.7}}, {"distill": {"steps": 2}},
+                                      {"finetune": {"steps": 1}}])
+    out = tmp_path / "out"
+    assert main(["--recipe", str(recipe), "--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "vit.pth"),
+                 "--out", str(out), "--quiet", "--no-step-latency", *CLI_FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "Note: classifier kept" in printed and "Agreement with the original model" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["input_shape"] == [1, 3, 48, 48]
+    assert report["after"].get("accuracy") is None and 0 <= report["after"]["agreement"] <= 1
+    assert report["before"]["agreement"] == 1.0
+    model = compress.load(out)
+    assert outputs(model, torch.randn(2, 3, 48, 48)).shape == (2, 1000)
+    manifest = saving.read_manifest(out)
+    assert manifest["extra"]["input_size"] == 48 and manifest["extra"]["num_classes"] == 1000
+    # the classifier was trained towards the original's outputs, never replaced
+    assert model.get_classifier().weight.shape == original.get_classifier().weight.shape
+
+
+def test_cli_a_labelled_folder_of_other_classes_replaces_the_classifier_and_says_so(tmp_path, capsys):
+    import timm
+    from PIL import Image
+
+    for label in ("cat", "dog", "owl"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (40 * i, 90, 60 * len(label))).save(tmp_path / "photos" / label / f"{i}.png")
     torch.save(timm.create_model("poolformerv2_s12").state_dict(), tmp_path / "pf.pth")
     recipe = _write_recipe(tmp_path, [{"measure": {"latency": False}}])
     out = tmp_path / "out"
     assert main(["--recipe", str(recipe), "--model", "poolformerv2_s12", "--checkpoint", str(tmp_path / "pf.pth"),
-                 "--out", str(out), "--quiet", "--no-step-latency", *CLI_FAST]) == 0
-    notes = json.loads((out / "report.json").read_text())["notes"]
-    assert any("grey channel" in n for n in notes) and any("classifier replaced" in n for n in notes)
-    assert compress.load(out).num_classes == 10
+                 "--data", str(tmp_path / "photos"), "--input-size", "32", "--out", str(out), "--quiet",
+                 "--no-step-latency", *CLI_FAST]) == 0
+    assert "Note: classifier replaced: the checkpoint predicts 1000 classes, the data has 3" in capsys.readouterr().out
+    assert compress.load(out).num_classes == 3
+
+
+def test_cli_a_folder_of_loose_images_is_unlabelled_data(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "loose").mkdir()
+    for i in range(6):
+        Image.new("L", (20, 20), 40 * i).save(tmp_path / "loose" / f"{i}.png")
+    torch.save(tiny_model(in_chans=3).state_dict(), tmp_path / "tiny.pth")
+    out = tmp_path / "out"
+    assert main(["--recipe", str(_write_recipe(tmp_path, [{"finetune": {"steps": 1}}])), "--model",
+                 str(_arch_file(tmp_path)), "--checkpoint", str(tmp_path / "tiny.pth"),
+                 "--data", str(tmp_path / "loose"), "--input-size", "32", "--out", str(out), "--quiet",
+                 "--no-step-latency", *CLI_FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "unlabelled" in report["data"] and report["after"].get("accuracy") is None
+    assert any("no labels" in n for n in report["notes"]) and compress.load(out).num_classes == 10
 
 
 def test_distilling_from_a_teacher_whose_classifier_was_replaced_is_flagged(digits):
-    model, data, _ = adapt_to_data(tiny_model(num_classes=5), digits)
+    model, data, _ = adapt_to_data(tiny_model(num_classes=5), digits, other_classes="replace")
     recipe = {"steps": [{"low_rank": {"rank_ratio": 0.25}}, {"distill": {"steps": 1}}]}
     _, report = compress.apply(recipe, model, data, measure=FAST, step_latency=False, side_by_side=False,
                                log=lambda m: None)
@@ -583,8 +657,8 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
         (["--recipe", good, "--model", "convformer_s19", *ckpt], "'convformer_s18'"),
         (["--recipe", good, "--model", arch], "--checkpoint is required"),
         (["--recipe", good, "--model", "IdentityFormer-S12", *ckpt], "does not fit"),
-        (["--recipe", good, "--model", arch, "--checkpoint", str(tmp_path / "five.pth"), "--num-classes", "10"],
-         "does not fit"),
+        (["--recipe", good, "--model", arch, "--checkpoint", str(tmp_path / "five.pth"), "--num-classes", "7"],
+         "--num-classes 7 asks for a new classifier, but the data has 10 labelled classes"),
         (["--recipe", good, "--model", arch, *ckpt, "--threads", "0"], "--threads must be at least 1"),
         (["--recipe", good, "--model", arch, *ckpt, "--device", "tpu"], "device"),
         (["--recipe", good, "--model", arch, *ckpt, "--frobnicate"], "frobnicate"),

@@ -52,6 +52,7 @@ class StepContext:
 
     model: nn.Module  # the model being compressed (steps replace or modify it)
     teacher: nn.Module | None = None  # the uncompressed model, for distillation
+    reference: nn.Module | None = None  # the model as given, before any step: agreement is measured against it
     data: Any = None  # a searchspace.data.DataBundle, or None (steps that need data say so)
     input_spec: Any = None  # searchspace.latency.InputSpec the model is measured at
     device: str = "cpu"

@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from searchspace.training import agreement, batches
+
 from . import Param, RecipeError, StepContext, register_step
-from .finetune import TRAIN_PARAMS, train_model
+from .finetune import TRAIN_PARAMS, kd_loss, train_model
 
 
 class FeatureMatch(nn.Module):
@@ -49,13 +51,6 @@ class FeatureMatch(nn.Module):
         elif student.shape[-2:] != teacher.shape[-2:]:
             student = F.adaptive_avg_pool2d(student, teacher.shape[-2:])
         return F.mse_loss(student, teacher)
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Hinton's soft-label loss, scaled by T^2 so its gradients keep their size as T changes."""
-    t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
-                    log_target=True, reduction="batchmean") * (t * t)
 
 
 def _features_and_logits(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +92,9 @@ def _check(params: dict[str, Any]) -> str | None:
 def distill(ctx: StepContext, temperature: float, alpha: float, features: bool, feature_weight: float,
             teacher: str | None, teacher_model: str | None, **train: Any) -> dict[str, Any]:
     teacher_net = _load_teacher(ctx, teacher, teacher_model)
+    if not ctx.data.labelled and alpha < 1:
+        ctx.log(f"distill: the data has no labels, so alpha {alpha} is taken as 1 (soft labels only)")
+        alpha = 1.0
     teacher_net.to(ctx.device).eval()  # its forward runs under no_grad: its weights never change
     student = ctx.model.to(ctx.device)
     match: FeatureMatch | None = None
@@ -130,11 +128,12 @@ def distill(ctx: StepContext, temperature: float, alpha: float, features: bool, 
             loss = loss + feature_weight * match(s_feat, t_feat)
         return loss
 
-    before = _agreement(student, teacher_net, ctx)
+    before = agreement(student, teacher_net, ctx.data.val, device=ctx.device)
     figures = train_model(student, ctx.data, loss_fn, device=ctx.device, threads=ctx.threads, log=ctx.log,
                           extra_params=list(match.parameters()) if match is not None else (), label="distill",
                           **train)
-    figures.update(teacher_agreement_before=before, teacher_agreement=_agreement(student, teacher_net, ctx))
+    figures.update(teacher_agreement_before=before,
+                   teacher_agreement=agreement(student, teacher_net, ctx.data.val, device=ctx.device))
     return figures
 
 
@@ -159,24 +158,8 @@ def _load_teacher(ctx: StepContext, teacher: str | None, teacher_model: str | No
 
 
 def _first_images(data: Any, n: int = 8) -> torch.Tensor:
-    from searchspace.evaluators import _batches
-
-    images, _ = next(_batches(data.train, min(n, len(data.train))))
+    images, _ = next(batches(data.train, min(n, len(data.train))))
     return images
-
-
-def _agreement(student: nn.Module, teacher: nn.Module, ctx: StepContext) -> float:
-    """Share of validation images on which the student's top-1 class is the teacher's."""
-    from searchspace.evaluators import _batches
-
-    student.eval()
-    same = seen = 0
-    with torch.no_grad():
-        for images, _ in _batches(ctx.data.val, 256):
-            images = images.to(ctx.device)
-            same += (student(images).argmax(-1) == teacher(images).argmax(-1)).sum().item()
-            seen += len(images)
-    return same / max(seen, 1)
 
 
 distill.check = _check  # run by compress.recipe when the recipe is validated

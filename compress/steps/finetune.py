@@ -1,15 +1,14 @@
 """``finetune``: train the model on ``ctx.data`` for some epochs or steps, to recover accuracy after compression.
 
 AdamW (no weight decay on biases, norms and scales), linear warm-up then cosine decay, cross-entropy with label
-smoothing, gradient clipping: the same schedule the search's evaluator trains with
-(:class:`searchspace.evaluators.TrainEvaluator`), applied to an existing model instead of a fresh one.
-:func:`train_model` is the loop; ``distill`` uses it with its own loss.
+smoothing, gradient clipping: the search's own training loop (:mod:`searchspace.training`), applied to an
+existing model instead of a fresh one; ``distill`` uses it with its own loss. On unlabelled data (images of other
+classes than the model's, or none) the model learns the teacher's outputs instead of labels - the original model's
+when no step has fixed a teacher yet - so its classifier is never trained towards classes it does not have.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Param, StepContext, register_step
+from searchspace.latency.measure import num_threads
+from searchspace.training import Loss, Schedule, cross_entropy, train
 
-Loss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # loss(model, images, labels)
+from . import Param, StepContext, register_step
 
 TRAIN_PARAMS: dict[str, Param] = {
     "epochs": Param(int, 1, minimum=1, help="passes over the training split (ignored when steps is set)"),
@@ -34,72 +34,16 @@ TRAIN_PARAMS: dict[str, Param] = {
 }
 
 
-def train_model(model: nn.Module, data: Any, loss_fn: Loss, *, epochs: int = 1, steps: int | None = None,
-                lr: float = 5e-4, weight_decay: float = 0.05, batch_size: int = 64, warmup: float = 0.1,
-                grad_clip: float = 1.0, augment: bool = False, seed: int = 0, device: str = "cpu",
-                threads: int | None = None, extra_params: Sequence[nn.Parameter] = (),
-                log: Callable[[str], None] = print, label: str = "train") -> dict[str, Any]:
-    """Train ``model`` in place on ``data.train`` with ``loss_fn``; returns ``steps``, ``epochs``, ``train_loss``
-    (mean of the last epoch) and ``seconds``. ``extra_params`` (e.g. a feature adapter) are trained alongside.
-
-    Raises:
-        TrainingDiverged: the loss or the weights became NaN or infinite (lower ``lr``).
-    """
-    from searchspace.evaluators import (
-        TrainingDiverged,
-        _batches,
-        _num_batches,
-        _param_groups,
-        _warmup_cosine,
-        random_shift,
-    )
-    from searchspace.latency.measure import num_threads
-
-    start = time.perf_counter()
-    per_epoch = _num_batches(len(data.train), batch_size)
-    total = steps if steps is not None else epochs * per_epoch
-    groups = _param_groups(model, weight_decay)
-    extra = [p for p in extra_params if p.requires_grad]
-    if extra:
-        groups.append({"params": extra, "weight_decay": weight_decay})
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(round(warmup * total), total))
-    generator = torch.Generator().manual_seed(seed)
-    trainable = [p for g in groups for p in g["params"]]
-    done, epoch, last_loss = 0, 0, math.nan
+def train_model(model: nn.Module, data: Any, loss_fn: Loss, *, device: str = "cpu", threads: int | None = None,
+                extra_params: Sequence[nn.Parameter] = (), log: Callable[[str], None] = print,
+                label: str = "train", **schedule: Any) -> dict[str, Any]:
+    """Train ``model`` in place on ``data.train`` with ``loss_fn`` (``searchspace.training.train``, the search's
+    loop) under the recipe's ``TRAIN_PARAMS``; returns ``steps``, ``epochs``, ``train_loss`` and ``seconds``."""
     with num_threads(threads):
-        model.train()
-        while done < total:
-            epoch += 1
-            running, count = 0.0, 0
-            for images, labels in _batches(data.train, batch_size, generator):
-                if done >= total:
-                    break
-                if augment:
-                    images = random_shift(images, generator)
-                images, labels = images.to(device), labels.to(device)
-                loss = loss_fn(model, images, labels)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"{label} diverged: loss is {loss.item()} at step {done + 1} (lr={lr}); "
-                                           f"lower the learning rate")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if grad_clip:
-                    nn.utils.clip_grad_norm_(trainable, grad_clip)
-                optimizer.step()
-                scheduler.step()
-                running += loss.item() * len(labels)
-                count += len(labels)
-                done += 1
-            last_loss = running / max(count, 1)
-            if not all(torch.isfinite(p).all() for p in trainable):
-                raise TrainingDiverged(f"{label} diverged: weights became NaN or infinite in epoch {epoch} "
-                                       f"(lr={lr}); lower the learning rate")
-            elapsed = time.perf_counter() - start
-            eta = f", about {elapsed / done * (total - done):.0f} s to go" if done < total else ""
-            log(f"{label}: epoch {epoch}, {done}/{total} steps, loss {last_loss:.4f} ({elapsed:.1f} s{eta})")
-    model.eval()
-    return {"steps": done, "epochs": epoch, "train_loss": last_loss, "seconds": time.perf_counter() - start}
+        figures = train(model, data, loss_fn, Schedule(**schedule), device=device, extra_params=extra_params,
+                        log=log, label=label)
+    figures.pop("train_losses")
+    return figures
 
 
 @register_step(
@@ -110,9 +54,31 @@ def train_model(model: nn.Module, data: Any, loss_fn: Loss, *, epochs: int = 1, 
             "label_smoothing": Param(float, 0.1, minimum=0.0, maximum=0.99, help="cross-entropy label smoothing")},
 )
 def finetune(ctx: StepContext, label_smoothing: float, **train: Any) -> dict[str, Any]:
-    def loss_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(model(images), labels, label_smoothing=label_smoothing)
-
     ctx.model.to(ctx.device)
+    if ctx.data.labelled:
+        loss_fn = cross_entropy(label_smoothing)
+    else:  # no labels of the model's classes: learn the teacher's outputs (the original model before distillation)
+        teacher = (ctx.teacher or ctx.reference).to(ctx.device).eval()
+        ctx.log("finetune: the data has no labels, so the model learns the "
+                f"{'teacher' if ctx.teacher is not None else 'original model'}'s outputs (soft labels, T=1)")
+        loss_fn = soft_label_loss(teacher, temperature=1.0)
     return train_model(ctx.model, ctx.data, loss_fn, device=ctx.device, threads=ctx.threads, log=ctx.log,
                        label="finetune", **train)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's soft-label loss, scaled by T^2 so its gradients keep their size as T changes."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits / t, dim=-1),
+                    log_target=True, reduction="batchmean") * (t * t)
+
+
+def soft_label_loss(teacher: nn.Module, temperature: float) -> Loss:
+    """``loss(model, images, labels)`` that ignores the labels and learns ``teacher``'s outputs."""
+
+    def loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = teacher(images)
+        return kd_loss(model(images), target, temperature)
+
+    return loss

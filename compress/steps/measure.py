@@ -17,6 +17,7 @@ from torch import nn
 
 from searchspace.latency import InputSpec
 from searchspace.latency.measure import RunOptions
+from searchspace.training import agreement, top1, validate
 
 from . import Param, StepContext, register_step
 
@@ -49,8 +50,9 @@ def options(ctx: StepContext) -> MeasureOptions:
 
 def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, accuracy: bool = True,
                   settings: MeasureOptions | None = None) -> dict[str, Any]:
-    """``params``, ``macs``, and (if asked) ``latency_ms`` with ``latency_spread``/``latency_context``, and
-    ``accuracy`` (top-1 in [0, 1]) and ``val_loss`` (cross-entropy) on ``ctx.data.val`` when there is data."""
+    """``params``, ``macs``, and (if asked) ``latency_ms`` with ``latency_spread``/``latency_context``, and on
+    ``ctx.data.val``: ``agreement`` (share of images whose top-1 class is the original model's) when there is data,
+    ``accuracy`` (top-1 in [0, 1]) and ``val_loss`` (cross-entropy) when it has labels."""
     from searchspace.latency import count_macs, count_params, measure_latency
 
     spec = ctx.input_spec
@@ -62,10 +64,13 @@ def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, a
         figures.update(latency_ms=result.value_ms, latency_spread=result.spread,
                        latency_context=str(result.context))
     if accuracy and ctx.data is not None:
-        from searchspace.evaluators import validate
-
         was_training = model.training
-        figures["accuracy"], figures["val_loss"] = validate(model, ctx.data.val, device=ctx.device)
+        if ctx.data.labelled:
+            figures["accuracy"], figures["val_loss"] = validate(model, ctx.data.val, device=ctx.device)
+        if ctx.reference is not None:
+            if "reference_top1" not in ctx.state:  # the original never changes: its classes are computed once
+                ctx.state["reference_top1"] = top1(ctx.reference, ctx.data.val, device=ctx.device)
+            figures["agreement"] = agreement(model, ctx.state["reference_top1"], ctx.data.val, device=ctx.device)
         model.train(was_training)
     return figures
 
@@ -75,7 +80,8 @@ def measure_model(model: nn.Module, ctx: StepContext, *, latency: bool = True, a
     description="record params, MACs, measured latency and (with data) validation accuracy at this point",
     params={
         "latency": Param(bool, True, help="measure latency on the device (false: counts and accuracy only)"),
-        "accuracy": Param(bool, True, help="validation top-1 accuracy, when there is data"),
+        "accuracy": Param(bool, True, help="validation top-1 accuracy (with labels) and agreement with the "
+                                            "original model, when there is data"),
         "rounds": Param(int, None, minimum=1, help="latency rounds (default: the run's setting, 10)"),
     },
 )
