@@ -9,7 +9,9 @@
 
 Loading builds the original architecture, replays the recorded structural changes, sets the changed attributes,
 gives each parameter and buffer the saved tensor (and so its pruned shape), and checks that nothing is missing or
-left over. :func:`save` reloads what it wrote and checks that the outputs are identical before it returns::
+left over. How a model's architecture is described and built afresh is its family's adapter's answer
+(:meth:`compress.adapters.ModelAdapter.describe` and ``build``), so a family of yours saves once it has an adapter.
+:func:`save` reloads what it wrote and checks that the outputs are identical before it returns::
 
     compress.save(model, "out/model", example=torch.randn(1, 3, 64, 64))
     model = compress.load("out/model")
@@ -45,6 +47,9 @@ from torch import nn
 from searchspace._io import atomic_write_bytes, atomic_write_text
 from searchspace.errors import MixerNASError
 from searchspace.registry import Registry
+
+from .adapters import AdapterError, adapter_for_source, find_adapter
+from .adapters.base import first_conv_in
 
 MANIFEST = "compressed.json"
 WEIGHTS = "model.safetensors"
@@ -94,51 +99,32 @@ def set_source(model: nn.Module, source: Mapping[str, Any]) -> None:
 
 
 def describe_source(model: nn.Module) -> dict[str, Any]:
-    """How to build ``model``'s architecture afresh: a MixerNAS ``Arch`` or a timm model name with kwargs."""
-    from searchspace.model import MetaFormerNet
-
-    source = copy.deepcopy(model.__dict__.get(_SOURCE_ATTR))
-    if source is None and isinstance(model, MetaFormerNet):
-        source = {"kind": "mixernas", "arch": model.arch.to_dict(), "num_classes": model.num_classes,
-                  "in_chans": model.in_chans}
+    """How to build ``model``'s architecture afresh: the source recorded when it was created (brought up to date,
+    e.g. its class count), else what its family's adapter (:mod:`compress.adapters`) describes: a MixerNAS ``Arch``
+    or a timm model name with kwargs."""
+    recorded = model.__dict__.get(_SOURCE_ATTR)
+    try:
+        if recorded is not None:
+            source = adapter_for_source(recorded).describe(model, copy.deepcopy(recorded))
+        else:
+            adapter = find_adapter(model)
+            source = adapter.describe(model) if adapter is not None else None
+    except AdapterError as exc:
+        raise SaveError(str(exc)) from None
     if source is None:
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-        if name is None:
-            raise SaveError(f"cannot tell how to rebuild a {type(model).__name__}: it is neither a MixerNAS model "
-                            f"nor a timm model; record it with compress.saving.set_source(model, {{'kind': 'timm', "
-                            f"'name': ..., 'kwargs': {{...}}}})")
-        source = {"kind": "timm", "name": name, "kwargs": {}}
-        if (_first_conv_in(model) or 3) != 3:
-            source["kwargs"]["in_chans"] = _first_conv_in(model)
-    if source["kind"] == "timm" and isinstance(getattr(model, "num_classes", None), int):
-        source.setdefault("kwargs", {})["num_classes"] = model.num_classes  # reset_classifier changes it
-    if source["kind"] == "mixernas" and isinstance(model, MetaFormerNet):
-        source["num_classes"] = model.num_classes
+        raise SaveError(f"cannot tell how to rebuild a {type(model).__name__}: no model adapter describes it (it is "
+                        f"neither a MixerNAS model nor a timm model); record it with compress.saving.set_source(model, "
+                        f"{{'kind': 'timm', 'name': ..., 'kwargs': {{...}}}}) or register an adapter "
+                        f"(compress.adapters.register_adapter)")
     return source
 
 
 def build_from_source(source: Mapping[str, Any]) -> nn.Module:
-    """A freshly initialised model of ``source`` (see :func:`describe_source`)."""
-    kind = source.get("kind")
-    if kind == "mixernas":
-        from searchspace import Arch, build_model
-
-        arch = Arch.from_dict(source["arch"])
-        return build_model(arch, num_classes=int(source["num_classes"]), in_chans=int(source["in_chans"]),
-                           drop_path=0.0)
-    if kind == "timm":
-        import timm
-
-        import searchspace  # noqa: F401  (registers the mixernas_* timm models)
-
-        kwargs = dict(source.get("kwargs") or {})
-        if "img_size" in kwargs and isinstance(kwargs["img_size"], list):
-            kwargs["img_size"] = tuple(kwargs["img_size"])
-        try:
-            return timm.create_model(source["name"], pretrained=False, **kwargs)
-        except RuntimeError as exc:
-            raise SaveError(f"timm cannot create {source['name']!r} with {kwargs}: {exc}") from None
-    raise SaveError(f"unknown model source kind {kind!r}; expected 'mixernas' or 'timm'")
+    """A freshly initialised model of ``source`` (see :func:`describe_source`), built by the adapter of its kind."""
+    try:
+        return adapter_for_source(source).build(dict(source))
+    except AdapterError as exc:
+        raise SaveError(str(exc)) from None
 
 
 def _replay(model: nn.Module, history: list[dict[str, Any]]) -> nn.Module:
@@ -208,11 +194,6 @@ def attribute_changes(model: nn.Module, reference: nn.Module) -> dict[str, dict[
 # ---------------------------------------------------------------------------------------------- save, load
 
 
-def _first_conv_in(model: nn.Module) -> int | None:
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if conv is None else conv.in_channels
-
-
 def _example_input(model: nn.Module, example: Any) -> torch.Tensor | None:
     from searchspace.latency import InputSpec
 
@@ -223,7 +204,7 @@ def _example_input(model: nn.Module, example: Any) -> torch.Tensor | None:
     source = model.__dict__.get(_SOURCE_ATTR) or {}
     size = (source.get("kwargs") or {}).get("img_size") or 32
     size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return torch.randn(1, _first_conv_in(model) or 3, *size)
+    return torch.randn(1, first_conv_in(model) or 3, *size)
 
 
 def save(model: nn.Module, folder: str | Path, *, example: torch.Tensor | Any = None,

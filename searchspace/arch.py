@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from . import blocks, layers, mixers
 from .errors import InvalidArchError, MixerNASError, UnknownNameError
 
 Json = Any
@@ -114,8 +115,6 @@ class Blocks:
         return args
 
     def _validate(self, where: str) -> None:
-        from . import blocks, layers, mixers
-
         if not isinstance(self.depth, int) or isinstance(self.depth, bool) or self.depth < 1:
             raise InvalidArchError(f"{where}.depth", f"must be a positive integer, got {self.depth!r}")
         if not isinstance(self.mlp_ratio, (int, float)) or not math.isfinite(self.mlp_ratio) or self.mlp_ratio < 0:
@@ -206,8 +205,6 @@ class Arch:
         self._validate()
 
     def _validate(self) -> None:
-        from . import blocks, layers
-
         if not isinstance(self.stages, tuple) or not 1 <= len(self.stages) <= 8:
             raise InvalidArchError("stages", f"must be a list of 1 to 8 stages, got {self.stages!r}")
         for i, stage in enumerate(self.stages):
@@ -328,8 +325,6 @@ def _check_name(registry, value: Any, where: str):
 
 def _check_mixer_width(run: Blocks, width: int, where: str) -> None:
     """Mixers may declare ``check(dim, **args) -> str | None`` to reject widths they cannot use."""
-    from . import mixers
-
     check = getattr(mixers.get_mixer(run.mixer).factory, "check", None)
     if check is None:
         return

@@ -19,19 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import searchspace
+from compress.adapters import split_block
 from compress.pruning_timm import GroupNormPruner, attention_layouts, head_counts, set_head_counts
 from compress.steps import RecipeError, StepContext, get_step
 from compress.steps.channel import classifier_layers, head_shape, kept_head_channels
-from compress.steps.tokens import (
-    KeepSchedule,
-    TokenPruning,
-    apply_token_merging,
-    apply_token_pruning,
-    bipartite_matching,
-    keep_count,
-    merge_tokens,
-    split_block,
-)
+from compress.steps.tokens import apply_token_merging, apply_token_pruning
+from compress.tokens import KeepSchedule, TokenPruning, bipartite_matching, keep_count, merge_tokens
 from searchspace import Arch, Blocks, Stage
 from searchspace.latency import InputSpec
 

@@ -63,11 +63,14 @@ def ratio_steps(step_ratio: float, max_ratio: float) -> list[float]:
         "ignore": Param((list, tuple), (), help="fnmatch patterns of layer names to leave alone"),
         "distill_epochs": Param(int, 3, minimum=0, help="epochs of the registered distill step afterwards, "
                                                         "from the unpruned model (needs data; 0 = none)"),
+        "distill_steps": Param(int, None, minimum=1, help="optimizer steps of that distillation in all; overrides "
+                                                         "distill_epochs"),
     },
 )
 def fit_budget(ctx: StepContext, target: str, step_ratio: float = 0.1, max_ratio: float = 0.9,
                importance: str = "magnitude", global_pruning: bool = False, round_to: int = 8,
-               ignore: list[str] | tuple[str, ...] = (), distill_epochs: int = 3) -> dict[str, Any]:
+               ignore: list[str] | tuple[str, ...] = (), distill_epochs: int = 3,
+               distill_steps: int | None = None) -> dict[str, Any]:
     if problem := _check(dict(target=target, step_ratio=step_ratio, max_ratio=max_ratio)):
         raise RecipeError(f"fit_budget: {problem}")
     budget = parse_budget(target)
@@ -94,8 +97,8 @@ def fit_budget(ctx: StepContext, target: str, step_ratio: float = 0.1, max_ratio
             raise RecipeError(f"fit_budget: {format_ms(budget)} not met by pruning up to ratio {max_ratio}; the best "
                               f"was {format_ms(best[0])} at ratio {best[1]:.2f} - raise max_ratio or relax the target")
     result: dict[str, Any] = {"target_ms": budget, "ratio": chosen, "latency_ms": round(latency, 4), "steps": steps}
-    if distill_epochs > 0:
-        result["distill"] = _distill(ctx, original, distill_epochs)
+    if distill_epochs > 0 or distill_steps is not None:
+        result["distill"] = _distill(ctx, original, distill_epochs, distill_steps)
     return result
 
 
@@ -113,7 +116,7 @@ def _check(params: dict[str, Any]) -> str | None:
 fit_budget.check = _check
 
 
-def _distill(ctx: StepContext, teacher: nn.Module, epochs: int) -> dict[str, Any] | None:
+def _distill(ctx: StepContext, teacher: nn.Module, epochs: int, steps: int | None) -> dict[str, Any] | None:
     if ctx.data is None:
         ctx.log("fit_budget: no data, distillation skipped")
         return None
@@ -128,7 +131,9 @@ def _distill(ctx: StepContext, teacher: nn.Module, epochs: int) -> dict[str, Any
         return None
     kwargs = {name: p.default for name, p in spec.params.items() if not p.required}
     if "epochs" in spec.params:
-        kwargs["epochs"] = epochs
+        kwargs["epochs"] = max(epochs, 1)
+        if steps is not None and "steps" in spec.params:
+            kwargs["steps"] = steps
     else:
         ctx.log("fit_budget: the distill step takes no 'epochs'; running it with its defaults")
     if ctx.teacher is None:

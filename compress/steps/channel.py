@@ -35,7 +35,8 @@ from torch import nn
 
 from searchspace.pruning import pruning_kwargs
 
-from .. import pruning_timm
+from .. import adapters, pruning_timm
+from ..tokens import TokenSequence
 from . import Param, RecipeError, StepContext, register_step
 
 IMPORTANCES = ("magnitude", "taylor", "lamp", "random")
@@ -104,9 +105,10 @@ def _round_down(n: float, multiple: int | None) -> int:
 
 
 def classifier_layers(model: nn.Module) -> list[nn.Module]:
-    """The layers producing the logits (left alone by pruning): in ``get_classifier()``, every linear or conv
-    layer with ``num_classes`` outputs (DeiT/CAS-ViT distillation heads have two), else its last one."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    """The layers producing the logits (left alone by pruning): in the classifier the model's adapter names
+    (timm's ``get_classifier()``), every linear or conv layer with ``num_classes`` outputs (DeiT/CAS-ViT
+    distillation heads have two), else its last one."""
+    head = _adapter(model).classifier(model)
     if head is None:
         head = model
     layers = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
@@ -119,8 +121,13 @@ def classifier_layers(model: nn.Module) -> list[nn.Module]:
 
 def stage_modules(model: nn.Module) -> list[nn.Module]:
     """The stages of a hierarchical model (ours and timm MetaFormers: ``model.stages``); empty for a ViT."""
-    stages = getattr(model, "stages", None)
-    return list(stages) if isinstance(stages, (nn.Sequential, nn.ModuleList)) else []
+    return _adapter(model).stages(model)
+
+
+def _adapter(model: nn.Module) -> adapters.ModelAdapter:
+    """The model's family adapter; a model of no known family gets the defaults (``get_classifier()``,
+    ``model.stages``), since torch-pruning needs nothing more."""
+    return adapters.find_adapter(model) or adapters.ModelAdapter()
 
 
 @torch.no_grad()
@@ -361,10 +368,16 @@ def _taylor_batches(ctx: StepContext, count: int, batch_size: int):
                           "importance: magnitude")
     generator = torch.Generator().manual_seed(0)
     loader = torch.utils.data.DataLoader(ctx.data.train, batch_size=batch_size, shuffle=True, generator=generator)
-    for i, batch in enumerate(loader):
+    for i, (images, labels) in enumerate(loader):
         if i >= count:
             break
-        yield batch[0], batch[1]
+        if not ctx.data.labelled:  # no labels of the model's classes: the original model's top-1 stands in
+            reference = ctx.reference or ctx.model
+            was_training = reference.training
+            with torch.no_grad():
+                labels = reference.eval()(images.to(ctx.device)).argmax(-1).cpu()
+            reference.train(was_training)
+        yield images, labels
 
 
 def example_input(ctx: StepContext) -> torch.Tensor:
@@ -387,8 +400,6 @@ def example_input(ctx: StepContext) -> torch.Tensor:
 
 
 def _check_no_token_wrappers(model: nn.Module) -> None:
-    from .tokens import TokenSequence
-
     if any(isinstance(m, TokenSequence) for m in model.modules()):
         raise RecipeError("channel_prune must run before token_prune/token_merge in the recipe")
 
