@@ -33,6 +33,7 @@ from torch import nn
 from searchspace.errors import MixerNASError
 from searchspace.latency.measure import num_threads
 
+from .adapters.timm_generic import timm_architecture
 from .checkpoint import HEAD_RESET_ATTR, LoadedModel, adapt_to_data, create_model, read_state_dict
 from .recipe import Recipe, as_recipe, load_recipe, recipe_from_dict, recipe_from_yaml
 from .report import Report, StepRecord, environment
@@ -173,7 +174,7 @@ def _timm_name(model: nn.Module) -> str | None:
     source = model.__dict__.get("_mixernas_source") or {}
     if source.get("kind") == "timm":
         return source.get("name")
-    return (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    return timm_architecture(model)
 
 
 def _figures(f: Mapping[str, Any]) -> str:

@@ -45,6 +45,7 @@ from torch import nn
 from searchspace.errors import MixerNASError, first_line
 
 from . import saving
+from .adapters.base import first_conv_in
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 SAFE_GLOBALS = [argparse.Namespace]  # timm's train.py saves its args; constructing one runs no file-chosen code
@@ -252,9 +253,7 @@ def model_num_classes(model: nn.Module) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-def model_in_chans(model: nn.Module) -> int | None:
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if conv is None else conv.in_channels
+model_in_chans = first_conv_in  # input channels: the first convolution's (the stem's or patch embedding's)
 
 
 # --------------------------------------------------------------------------------------------- resolving --model
@@ -475,11 +474,11 @@ def adapt_to_data(model: nn.Module, data: Any, *, seed: int = 0, num_classes: in
                          f"{data.num_classes}; the new classifier starts untrained (chance accuracy), so fine-tune "
                          f"before distilling from this model")
         else:
-            data = data.unlabelled()
             notes.append(f"classifier kept: the checkpoint predicts {classes} classes and the data ({data.source}) "
                          f"has {data.num_classes} others, so its images are used without labels: the training steps "
                          f"learn the original model's outputs, and agreement with it is reported instead of accuracy "
                          f"(give --data a folder of the checkpoint's {classes} classes for accuracy)")
+            data = data.unlabelled()
     return model, data, notes
 
 
