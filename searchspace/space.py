@@ -14,8 +14,11 @@ Two ways to declare one:
           return searchspace.preset("PoolFormerV2-S12").replace_stage(2, mixer=mixer, depth=depth)
 
 ``sample`` takes an Optuna trial or a dict of fixed parameters (``{"s3.mixer": "attention", ...}``), which replays
-a trial exactly. Parameter names are stable dotted paths: ``act``, ``s1.mixer`` ... ``s4.mlp_ratio`` (stages
-numbered from 1 as in the papers), and ``s3.strip_attention.sr_ratio`` for a mixer's own arguments.
+a trial exactly. Parameter names are stable dotted paths: ``act``, ``norm``, ``head`` for choices of the whole
+architecture, ``s1.mixer`` ... ``s4.mlp_ratio`` (stages numbered from 1 as in the papers), and
+``s3.strip_attention.sr_ratio`` for a mixer's own arguments. ``params_of(arch)`` goes the other way: the
+parameters that make ``arch``, or ``None`` when it is not a point of the space; the search queues the presets that
+are points as its first trials. The ``presets`` space holds every preset, one parameter ``preset`` naming it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Protocol
 
 from .arch import Arch, FrozenArgs, Stage
 from .errors import InvalidArchError, MixerNASError
+from .presets import list_presets, preset
 from .registry import Registry
 
 
@@ -198,19 +202,49 @@ class StageChoices:
 
 
 class ChoiceSpace(SearchSpace):
-    """Per-stage categorical choices; every combination is checked to build at construction."""
+    """Per-stage categorical choices, and choices of whole-architecture fields; every combination is checked to
+    build at construction.
 
-    def __init__(self, stages: Sequence[StageChoices], *, acts: Sequence[str] = ("starrelu",),
+    ``choices`` maps :class:`Arch` fields to their options (``{"act": ("starrelu", "gelu"), "norm": (...)}``); the
+    trial parameter is the field's name. ``base`` fixes other fields (``{"stem": "patch4"}``)::
+
+        ChoiceSpace(stages, choices={"act": ("starrelu", "gelu")}, base={"head": "mlp"})
+    """
+
+    def __init__(self, stages: Sequence[StageChoices], *, choices: Mapping[str, Sequence[Any]] | None = None,
                  base: Mapping[str, Any] | None = None, name: str = "", description: str = ""):
         self.stages = tuple(stages)
-        self.acts = tuple(acts)
+        self.choices = {key: tuple(values) for key, values in (choices or {}).items()}
         self.base = dict(base or {})  # fixed Arch fields (norm, head, stem, ...)
         self.name, self.description = name, description
         self._validate()
 
+    @property
+    def acts(self) -> tuple[str, ...]:
+        """The activations the space offers (one when it is fixed)."""
+        return self.choices.get(ACT_PARAM) or (self.base.get(ACT_PARAM, Arch.act),)
+
     def _validate(self) -> None:
-        if not self.stages or not self.acts:
-            raise MixerNASError("a ChoiceSpace needs at least one stage and one activation")
+        where = f"space {self.name or 'ChoiceSpace'}"
+        if not self.stages:
+            raise MixerNASError(f"{where}: a ChoiceSpace needs at least one stage")
+        settable = {f.name for f in dataclasses.fields(Arch)} - {"stages", "name"}
+        for key, values in self.choices.items():
+            if key not in settable:
+                raise MixerNASError(f"{where}: choices.{key} is not a field of Arch; choose among "
+                                    f"{', '.join(sorted(settable))}")
+            if not values:
+                raise MixerNASError(f"{where}: choices.{key} must offer at least one option")
+            if key in self.base:
+                raise MixerNASError(f"{where}: {key!r} is both fixed in base and a choice; keep one")
+        first = {key: values[0] for key, values in self.choices.items()}
+        plain = [Stage(mixer="identity", depth=1, width=32) for _ in self.stages]
+        for key, values in self.choices.items():
+            for value in values[1:]:
+                try:
+                    Arch(stages=tuple(plain), **self.base, **{**first, key: value})
+                except InvalidArchError as exc:
+                    raise MixerNASError(f"{where}: choice {key} = {value!r} cannot build: {exc}") from None
         # Build one representative of every (stage, mixer, width, argument) combination, so a bad
         # combination is reported now, not as a failed trial in the middle of a search.
         for i, sc in enumerate(self.stages):
@@ -218,17 +252,17 @@ class ChoiceSpace(SearchSpace):
                 arg_choices = sc.mixer_args.get(mixer, {})
                 for args in _product(arg_choices):
                     for width in sc.widths:
-                        arch_stages = [Stage(mixer="identity", depth=1, width=32) for _ in self.stages]
+                        arch_stages = list(plain)
                         arch_stages[i] = Stage(mixer=mixer, depth=sc.depths[0], width=width, mixer_args=args,
                                                mlp_ratio=sc.mlp_ratios[0], res_scale=sc.res_scale)
                         try:
-                            Arch(stages=tuple(arch_stages), act=self.acts[0], **self.base)
+                            Arch(stages=tuple(arch_stages), **self.base, **first)
                         except InvalidArchError as exc:
-                            raise MixerNASError(f"space {self.name or 'ChoiceSpace'}: stage s{i + 1} choice "
-                                                f"({mixer}, width {width}, {dict(args)}) cannot build: {exc}") from None
+                            raise MixerNASError(f"{where}: stage s{i + 1} choice ({mixer}, width {width}, "
+                                                f"{dict(args)}) cannot build: {exc}") from None
 
     def define(self, trial: TrialLike) -> Arch:
-        act = trial.suggest_categorical(ACT_PARAM, list(self.acts)) if len(self.acts) > 1 else self.acts[0]
+        chosen = {key: _choose(trial, key, values) for key, values in self.choices.items()}
         stages = []
         for i, sc in enumerate(self.stages):
             mixer = _choose(trial, stage_param(i, "mixer"), sc.mixers)
@@ -240,17 +274,21 @@ class ChoiceSpace(SearchSpace):
                 mlp_ratio=_choose(trial, stage_param(i, "mlp_ratio"), sc.mlp_ratios),
                 res_scale=sc.res_scale,
             ))
-        return Arch(stages=tuple(stages), act=act, **self.base)
+        return Arch(stages=tuple(stages), **self.base, **chosen)
 
     def size(self, limit: int | None = None) -> int:
-        return len(self.acts) * math.prod(sc.size() for sc in self.stages)
+        return math.prod(len(v) for v in self.choices.values()) * math.prod(sc.size() for sc in self.stages)
 
     def params_of(self, arch: Arch) -> dict[str, Any] | None:
-        params: dict[str, Any] = {}
-        if len(self.acts) > 1:
-            params[ACT_PARAM] = arch.act
+        """The parameters whose :meth:`sample` equals ``arch`` (name aside), or ``None``::
+
+            space = get_space("default")
+            params = space.params_of(preset("PoolFormerV2-S12"))  # {"act": "starrelu", "norm": ...}
+            assert space.sample(params) == preset("PoolFormerV2-S12")
+        """
         if len(arch.stages) != len(self.stages):
             return None
+        params: dict[str, Any] = {key: getattr(arch, key) for key in self.choices}
         for i, (sc, st) in enumerate(zip(self.stages, arch.stages)):
             params.update({stage_param(i, "mixer"): st.mixer, stage_param(i, "depth"): st.depth,
                            stage_param(i, "width"): st.width, stage_param(i, "mlp_ratio"): st.mlp_ratio})
@@ -263,10 +301,25 @@ class ChoiceSpace(SearchSpace):
             rebuilt = self.sample(params)
         except MixerNASError:
             return None
-        return params if rebuilt == dataclasses.replace(arch, name="") else None
+        return params if rebuilt == arch else None
+
+
+class PresetSpace(SearchSpace):
+    """Every registered preset, one categorical parameter ``preset`` naming it: the published models compared
+    with each other on this device and data, as a search (``search.py --space presets``)."""
+
+    description = "every preset (the published models), one trial each"
+
+    def define(self, trial: TrialLike) -> Arch:
+        return preset(trial.suggest_categorical(PRESET_PARAM, list_presets()))
+
+    def params_of(self, arch: Arch) -> dict[str, Any] | None:
+        names = [arch.name] if arch.name in list_presets() else list_presets()
+        return next(({PRESET_PARAM: name} for name in names if preset(name) == arch), None)
 
 
 ACT_PARAM = "act"  # the trial parameter of the activation, when the space offers more than one
+PRESET_PARAM = "preset"  # the one parameter of the presets space
 
 
 def stage_param(index: int, field: str, mixer: str | None = None) -> str:
@@ -285,8 +338,8 @@ def _choose(trial: TrialLike, name: str, choices: Sequence[Any]) -> Any:
 
 
 def _is_decision(space: ChoiceSpace, key: str) -> bool:
-    if key == "act":
-        return len(space.acts) > 1
+    if key in space.choices:
+        return len(space.choices[key]) > 1
     stage, _, rest = key.partition(".")
     sc = space.stages[int(stage[1:]) - 1]
     if rest.count("."):
@@ -350,17 +403,27 @@ def list_spaces() -> list[str]:
 ALL_MIXERS = ("identity", "pooling", "sepconv", "modulation", "additive", "hadamard", "random",
               "strip_attention", "gpsa", "attention")
 
+# The default space is a grid around the MetaFormer baselines, so that those presets are points of it and the
+# search starts from them: S12 and S18 depths (2-2-6-2, 3-3-9-3) and widths (64-128-320-512), their norms (GroupNorm
+# for PoolFormerV2, IdentityFormer and RandFormer; LayerNorm for ConvFormer and CAFormer) and heads (linear; an MLP
+# for the S18 models); the higher-order Hadamard mixer with HorNet's interaction order, rising 2 to 5 by stage
+# (fixed, not a decision); strip attention with or without reduced keys in the two attention stages.
 register_space("default", ChoiceSpace(
     [
-        StageChoices(ALL_MIXERS, depths=(1, 2, 3), widths=(32, 64), mlp_ratios=(2.0, 3.0, 4.0)),
-        StageChoices(ALL_MIXERS, depths=(1, 2, 3), widths=(64, 96, 128), mlp_ratios=(2.0, 3.0, 4.0)),
-        StageChoices(ALL_MIXERS, depths=(2, 4, 6), widths=(128, 192, 256, 320), mlp_ratios=(2.0, 3.0, 4.0),
+        StageChoices(ALL_MIXERS, depths=(1, 2, 3), widths=(32, 64), mlp_ratios=(2.0, 3.0, 4.0),
+                     mixer_args={"hadamard": {"order": (2,)}}),
+        StageChoices(ALL_MIXERS, depths=(1, 2, 3), widths=(64, 96, 128), mlp_ratios=(2.0, 3.0, 4.0),
+                     mixer_args={"hadamard": {"order": (3,)}}),
+        StageChoices(ALL_MIXERS, depths=(2, 4, 6, 9), widths=(128, 192, 256, 320), mlp_ratios=(2.0, 3.0, 4.0),
+                     mixer_args={"hadamard": {"order": (4,)}, "strip_attention": {"sr_ratio": (1, 2)}},
                      res_scale=1.0),
         StageChoices(ALL_MIXERS, depths=(1, 2, 3), widths=(256, 384, 512), mlp_ratios=(2.0, 3.0, 4.0),
+                     mixer_args={"hadamard": {"order": (5,)}, "strip_attention": {"sr_ratio": (1, 2)}},
                      res_scale=1.0),
     ],
-    acts=("starrelu", "gelu"),
-    description="every built-in mixer in every stage; MetaFormer-v2 blocks; widths multiples of 32",
+    choices={"act": ("starrelu", "gelu"), "norm": ("layernorm_nobias", "groupnorm_nobias"),
+             "head": ("linear", "mlp")},
+    description="every built-in mixer in every stage; MetaFormer-v2 blocks; the MetaFormer baselines are points",
 ))
 
 register_space("tiny", ChoiceSpace(
@@ -373,3 +436,5 @@ register_space("tiny", ChoiceSpace(
     ],
     description="a small space for tests and quick demonstrations",
 ))
+
+register_space("presets", PresetSpace())

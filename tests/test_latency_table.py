@@ -833,7 +833,7 @@ def test_stage_resolutions_follow_the_real_layers_at_odd_sizes(stem, downsample)
     model = searchspace.build_model(arch).eval()
     for h, w in [(65, 63), (33, 47), (38, 29), (224, 224), (17, 9)]:
         with torch.inference_mode():
-            outs = model.forward_intermediates(torch.zeros(1, 3, h, w))
+            outs = model.forward_intermediates(torch.zeros(1, 3, h, w), intermediates_only=True)
         assert stage_resolutions(arch, h, w) == tuple(tuple(o.shape[-2:]) for o in outs), (h, w)
 
 
@@ -851,7 +851,8 @@ def test_a_user_registered_stem_is_probed_for_its_resolution():
     try:
         arch = _arch("test_conv5_s4", "norm_conv3")
         with torch.inference_mode():
-            outs = searchspace.build_model(arch).eval().forward_intermediates(torch.zeros(1, 3, 41, 30))
+            outs = searchspace.build_model(arch).eval().forward_intermediates(torch.zeros(1, 3, 41, 30),
+                                                                             intermediates_only=True)
         assert stage_resolutions(arch, 41, 30) == tuple(tuple(o.shape[-2:]) for o in outs)
     finally:
         STEMS.remove("test_conv5_s4")
@@ -887,7 +888,8 @@ def test_a_stem_registered_again_under_its_name_gives_its_own_geometry():
         assert stage_resolutions(arch, 64, 64)[0] == (16, 16)
         STEMS.add("test_replaced_stem", lambda cin, cout, arch: torch.nn.Conv2d(cin, cout, 8, 8), overwrite=True)
         with torch.inference_mode():
-            outs = searchspace.build_model(arch).eval().forward_intermediates(torch.zeros(1, 3, 64, 64))
+            outs = searchspace.build_model(arch).eval().forward_intermediates(torch.zeros(1, 3, 64, 64),
+                                                                             intermediates_only=True)
         assert stage_resolutions(arch, 64, 64) == tuple(tuple(o.shape[-2:]) for o in outs) == (
             (8, 8), (4, 4), (2, 2), (1, 1))
     finally:
@@ -937,7 +939,7 @@ def test_space_parts_cover_activations_and_mixer_arguments():
         StageChoices(("pooling", "sepconv"), depths=(1,), widths=(8, 16), mlp_ratios=(1.0, 2.0)),
         StageChoices(("pooling",), depths=(1, 2), widths=(16,), mlp_ratios=(1.0,),
                      mixer_args={"pooling": {"pool_size": (3, 5)}}),
-    ], acts=("starrelu", "gelu"), name="test-acts-args")
+    ], choices={"act": ("starrelu", "gelu")}, name="test-acts-args")
     parts = space_parts(space, 32, 32, 1, 10)
     archs = sample_archs(space, 100, seed=0)
     assert len(archs) == 2 * 8 * 4  # every architecture of the space: acts x stage 1 x stage 2

@@ -431,19 +431,26 @@ def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, 
 # ------------------------------------------------------------------------------------------------ device context
 
 
-def resolve_device(device: torch.device | str) -> torch.device:
-    """``torch.device`` for ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; anything else, or CUDA without a GPU, is an error."""
+def resolve_device(device: torch.device | str = "auto") -> torch.device:
+    """``torch.device`` for ``"auto"`` (the first CUDA GPU if one is visible, else the CPU), ``"cpu"``, ``"cuda"``
+    or ``"cuda:N"``; anything else, or CUDA without a GPU, is an error (:class:`MeasurementError`, one line).
+
+    >>> resolve_device("cpu"), str(resolve_device("cpu"))
+    (device(type='cpu'), 'cpu')
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError, ValueError):
-        raise MeasurementError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'") from None
+        raise MeasurementError(f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cpu":
         return torch.device("cpu")
     if dev.type != "cuda":
-        raise MeasurementError(f"device {device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'")
+        raise MeasurementError(f"device {device!r} is not supported; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if not torch.cuda.is_available():
         raise MeasurementError(f"device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU here; "
-                               f"use device 'cpu'")
+                               f"use device 'cpu' (or 'auto')")
     index, count = dev.index or 0, torch.cuda.device_count()
     if index >= count:
         raise MeasurementError(f"device {device!r} does not exist; this machine has {count} CUDA device(s)")

@@ -58,7 +58,10 @@ class Backend:
             self.echo(f"resuming study {self.config.name!r}: {tally.counted} of {self.config.trials} trials "
                       f"finished" + (f", {tally.running} running on other workers" if tally.running else ""))
         if tally.startable and self.queue_presets:
-            self.study.enqueue_presets(self.space)
+            queued = self.study.enqueue_presets(self.space)
+            if queued:
+                self.echo(f"the first {len(queued)} trials are the presets that are points of the space: "
+                          f"{', '.join(queued)}")
         self.best = self.study.best_feasible()
         self.bar = tqdm(total=self.config.trials, initial=tally.counted, disable=not self.progress or tally.settled,
                         unit="trial", dynamic_ncols=True, desc=self._description())

@@ -12,6 +12,7 @@ from typing import Any
 from ..errors import MixerNASError
 from ..latency.budget import format_ms
 from ..latency.measure import DTYPES
+from ..presets import preset_spec
 from ..runtimes import get_runtime
 from .storage import display_url
 
@@ -59,7 +60,9 @@ class SearchConfig:
     seed: int = 0
     ray_address: str | None = None  # join this Ray cluster; None = start a local Ray
     workers: int = 1  # trials evaluated at once (Ray)
-    baselines: tuple[str, ...] | None = None  # presets evaluated beside the winner when they fit; None = all
+    # presets the search is compared with: those that are points of the space are its first trials, the others are
+    # evaluated beside it the same way; None = all, () = none
+    baselines: tuple[str, ...] | None = None
     compress: str | None = None  # recipe the CLI applies to the winner (searchspace never imports compress)
 
     def __post_init__(self) -> None:
@@ -88,8 +91,6 @@ class SearchConfig:
             raise MixerNASError("the NNI backend searches one objective; use --objective accuracy, or --backend "
                                 "optuna/ray for the Pareto front")
         if self.baselines is not None:
-            from ..presets import preset_spec
-
             object.__setattr__(self, "baselines", tuple(self.baselines))
             for name in self.baselines:
                 preset_spec(name)  # unknown names fail now, with the close matches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -12,20 +13,27 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write_text
 from ..arch import Arch
+from ..data import load_data
 from ..errors import MixerNASError
+from ..evaluators import TrainEvaluator, ZeroCostEvaluator
 from ..export import export_model
-from ..latency import InputSpec, format_ms, measure_many
+from ..latency import InputSpec, LatencyTable, format_ms, measure_many, parse_budget, resolve_device
 from ..latency.measure import RunOptions, default_dtype
+from ..presets import list_presets, preset
 from ..runtimes import get_runtime
 from ..space import get_space
-from . import plots
+from . import nni_backend, optuna_backend, plots, ray_backend
 from .candidate import CandidateRunner, Outcome, arch_model
 from .config import SearchConfig, load_saved_config
+from .report import render_report
 from .results import environment, load_model, save_model, write_csv, write_json
 from .storage import open_storage
 
 FINALISTS = 5  # best candidates re-measured side by side before the winner is chosen
+# Each backend module imports its engine (Ray, NNI) only when it runs, so all three are imported here.
+BACKENDS = {"optuna": optuna_backend, "ray": ray_backend, "nni": nni_backend}
 
 
 class NoArchitectureFits(MixerNASError):
@@ -40,6 +48,8 @@ class SearchResult:
     config: SearchConfig
     best: dict[str, Any] | None  # as in best.json; None when nothing fits or the search was interrupted early
     trials: list[dict[str, Any]] = field(default_factory=list)
+    # How each preset compared did (name, state, metric, latency, params): a trial of the search when the preset is
+    # a point of the space (``trial`` its number), else evaluated beside the search (``trial`` None)
     baselines: list[dict[str, Any]] = field(default_factory=list)
     interrupted: bool = False
 
@@ -61,21 +71,9 @@ def search(latency_budget: str | float = "5ms", **options: Any) -> SearchResult:
         result.best["accuracy"], result.best["latency_ms"]
         model = result.load_model()
     """
-    from ..latency import parse_budget
-
     budget_ms = parse_budget(latency_budget) if isinstance(latency_budget, str) else float(latency_budget)
     progress = options.pop("progress", False)
     return run(SearchConfig(budget_ms=budget_ms, **options), progress=progress)
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MixerNASError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise MixerNASError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return name
 
 
 def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None] | None = None) -> SearchResult:
@@ -86,7 +84,7 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
     if saved is not None:
         config.check_resumable(saved.get("search", {}))
 
-    device = resolve_device(config.device)
+    device = str(resolve_device(config.device))  # "auto" becomes "cuda:0" or "cpu"
     # Latency is measured with a fixed thread count: the one asked for, else one thread on the CPU (the most
     # repeatable figure on a shared machine; pass --threads to match your deployment).
     threads = config.threads or (1 if device == "cpu" else None)
@@ -95,8 +93,6 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
         open_storage(config.storage).remove_session()
     options = RunOptions.for_device(device, channels_last=config.channels_last, cuda_graphs=config.cuda_graphs,
                                     cudnn_benchmark=config.cudnn_benchmark)
-    from ..data import load_data
-
     data = load_data(config.data, input_size=config.input_size, seed=config.seed)
     spec = InputSpec(batch=config.batch_size, channels=data.in_chans, height=data.input_size,
                      width=data.input_size, dtype=config.dtype or default_dtype(device))
@@ -115,28 +111,25 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
                              input_spec=spec, device=device, threads=threads, runtime=config.runtime,
                              options=options)
 
-    if config.backend == "optuna":
-        from .optuna_backend import run_study
-    elif config.backend == "ray":
-        from .ray_backend import run_study  # noqa: F811
-    else:
-        from .nni_backend import run_study  # noqa: F811
-    rows, interrupted = run_study(config, space, runner, progress=progress, echo=echo)
+    rows, interrupted = BACKENDS[config.backend].run_study(config, space, runner, progress=progress, echo=echo)
     write_csv(out / "trials.csv", rows)
     if predictor is not None:
         predictor.refresh()
         echo(f"latency table, refined by this search's measurements: {predictor.calibration}")
 
     metric = "accuracy" if config.evaluator == "train" else "score"
-    result = SearchResult(out_dir=out, config=config, best=None, trials=rows, interrupted=interrupted)
+    result = SearchResult(out_dir=out, config=config, best=None, trials=rows, baselines=_preset_trials(rows),
+                          interrupted=interrupted)
     if interrupted:
         echo(f"interrupted: {len(rows)} finished trials are in {out / 'trials.csv'}; run the same command to resume")
         _write_report(result, metric)
         return result
 
-    # The presets are points of the space too: evaluated the same way, one that fits can win.
-    result.baselines = _baselines(config, runner, out, metric, echo)
-    winner = _choose_winner(rows + _preset_candidates(result.baselines), runner, metric, config.budget_ms, echo)
+    # Presets that are points of the space were the study's first trials; the others are evaluated the same way
+    # beside it, and one that fits can win too.
+    beside = _baselines(config, runner, out, metric, echo, done={b["name"] for b in result.baselines})
+    result.baselines += beside
+    winner = _choose_winner(rows + _preset_candidates(beside), runner, metric, config.budget_ms, echo)
     if winner is None:
         _write_report(result, metric)
         _plots(result, metric)
@@ -155,8 +148,6 @@ def run(config: SearchConfig, progress: bool = True, echo: Callable[[str], None]
 
 
 def make_evaluator(config: SearchConfig, device: str):
-    from ..evaluators import TrainEvaluator, ZeroCostEvaluator
-
     if config.evaluator == "train":
         kwargs = {"epochs": config.epochs} if config.epochs else {}
         return TrainEvaluator(seed=config.seed, device=device, threads=config.train_threads, **kwargs)
@@ -168,8 +159,6 @@ def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num
     """The device's lookup table, calibrated on a few whole models when it is new to this device and input (with
     its held-out accuracy printed, so the user knows what its screening is worth); parts a candidate needs are
     measured on first use and cached, and every candidate measured refines the calibration."""
-    from ..latency.table import LatencyTable
-
     table = LatencyTable.open(device=device, input_spec=spec, threads=threads, num_classes=num_classes,
                               runtime=runtime, options=options)
     echo(f"latency table: {len(table)} parts and {len(table.observations)} whole models cached for this device "
@@ -183,17 +172,28 @@ def _latency_table(space, spec: InputSpec, device: str, threads: int | None, num
     return table
 
 
-def _preset_candidates(baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Complete baseline rows in the shape of trial rows (``trial`` None, ``preset`` their name)."""
-    from ..presets import preset
+BASELINE_FIELDS = ("state", "accuracy", "score", "predicted_ms", "measured_ms", "params", "macs")
 
+
+def _preset_trials(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trials that were presets, as baseline rows (``name``, ``trial`` and the outcome's fields)."""
+    return [{"name": r["preset"], "trial": r["trial"], **{k: r.get(k) for k in BASELINE_FIELDS}}
+            for r in rows if r.get("preset")]
+
+
+def _preset_candidates(baselines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Complete presets evaluated beside the search, in the shape of trial rows (``trial`` None, ``preset`` their
+    name)."""
     return [{**b, "trial": None, "preset": b["name"], "arch": preset(b["name"]).to_json()}
             for b in baselines if b["state"] == "complete"]
 
 
 def candidate_label(row: dict[str, Any]) -> str:
-    """``trial 12`` or ``preset EfficientMod-xs``."""
-    return f"trial {row['trial']}" if row.get("preset") is None else f"preset {row['preset']}"
+    """``trial 12``, ``trial 0: preset PoolFormerV2-S12`` (a preset that is a point of the space) or ``preset
+    EfficientMod-xs`` (one evaluated beside the search)."""
+    if row.get("preset") is None:
+        return f"trial {row['trial']}"
+    return f"preset {row['preset']}" if row.get("trial") is None else f"trial {row['trial']}: preset {row['preset']}"
 
 
 def _choose_winner(rows, runner: CandidateRunner, metric: str, budget_ms: float, echo) -> dict[str, Any] | None:
@@ -235,18 +235,18 @@ def _round_up(ms: float) -> str:
     return f"{math.ceil(ms / digits) * digits:g}ms"
 
 
-def _baselines(config: SearchConfig, runner: CandidateRunner, out: Path, metric: str, echo) -> list[dict]:
-    """Presets that fit the budget at this input, evaluated exactly like the trials (cached for resumes)."""
-    from ..presets import list_presets, preset
-
+def _baselines(config: SearchConfig, runner: CandidateRunner, out: Path, metric: str, echo,
+               done: set[str] = frozenset()) -> list[dict]:
+    """The presets compared with the search that are not among its trials (``done``), evaluated exactly like the
+    trials (cached in baselines.json for resumes)."""
     path = out / "baselines.json"
     cache: dict[str, dict] = {}
     if path.exists():
-        import json
-
         cache = {b["name"]: b for b in json.loads(path.read_text())}
     rows = []
     for name in list_presets() if config.baselines is None else config.baselines:
+        if name in done:
+            continue
         if name in cache:
             rows.append(cache[name])
             continue
@@ -255,9 +255,7 @@ def _baselines(config: SearchConfig, runner: CandidateRunner, out: Path, metric:
             outcome = runner.run(arch)
         except MixerNASError as exc:
             outcome = Outcome(arch=arch, state="failed", error=str(exc))
-        row = {"name": name, "state": outcome.state, "accuracy": outcome.accuracy, "score": outcome.score,
-               "predicted_ms": outcome.predicted_ms, "measured_ms": outcome.measured_ms, "params": outcome.params,
-               "macs": outcome.macs}
+        row = {"name": name, "trial": None, **{k: getattr(outcome, k) for k in BASELINE_FIELDS}}
         if outcome.state == "complete":
             echo(f"baseline {name}: {metric} {row[metric]:.4f} at {format_ms(outcome.measured_ms)}")
         rows.append(row)
@@ -268,8 +266,6 @@ def _baselines(config: SearchConfig, runner: CandidateRunner, out: Path, metric:
 def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpec, out: Path, metric: str,
            echo) -> dict[str, Any]:
     """Train the winner longer, save it, and describe it in best.json."""
-    from ..evaluators import TrainEvaluator
-
     arch = Arch.from_json(winner["arch"])
     base_epochs = config.epochs or TrainEvaluator().epochs
     epochs = config.final_epochs or 4 * base_epochs
@@ -280,8 +276,8 @@ def _final(config: SearchConfig, winner: dict, data, device: str, spec: InputSpe
     best = {
         "arch": arch.to_dict(),
         "summary": arch.summary(),
-        "trial": winner["trial"],  # None when a preset won
-        "preset": winner.get("preset"),
+        "trial": winner["trial"],  # None when a preset evaluated beside the search won
+        "preset": winner.get("preset"),  # the preset's name when the winner is one
         "accuracy": ev.accuracy,
         "search_" + metric: winner[metric],
         "latency_ms": winner["final_ms"],
@@ -346,7 +342,4 @@ def _plots(result: SearchResult, metric: str) -> None:
 
 
 def _write_report(result: SearchResult, metric: str) -> None:
-    from .._io import atomic_write_text
-    from .report import render_report
-
     atomic_write_text(result.out_dir / "report.md", render_report(result, metric))

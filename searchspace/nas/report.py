@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from ..latency import format_ms
+from ..arch import Arch
+from ..latency import format_ms, resolve_device
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -17,8 +18,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
 
 
 def render_report(result, metric: str) -> str:
-    from .engine import resolve_device
-
+    """The page for a :class:`~searchspace.nas.engine.SearchResult`, ranked by ``metric``."""
     cfg, rows, best = result.config, result.trials, result.best
     states = Counter(r["state"] for r in rows)
     device = resolve_device(cfg.device)  # what "auto" stands for here
@@ -39,8 +39,7 @@ def render_report(result, metric: str) -> str:
         lines += [
             "## Winner",
             "",
-            f"`{best['summary']}`" + (f": the preset **{best['preset']}**, evaluated like the trials, beat every "
-                                      f"searched candidate" if best.get("preset") else ""),
+            f"`{best['summary']}`" + _preset_note(best),
             "",
             f"- validation accuracy after {best['final_epochs']} epochs: **{best['accuracy']:.4f}** "
             f"(during the search: {_fmt(best.get('search_' + metric))} {metric})",
@@ -55,11 +54,16 @@ def render_report(result, metric: str) -> str:
     fitting = [b for b in result.baselines if b["state"] == "complete"]
     if result.baselines:
         lines += ["## Presets at this input (same evaluator)", "",
-                  f"| preset | state | {metric} | measured latency | params |", "|---|---|---|---|---|"]
+                  "Presets that are points of the space were the search's first trials; the others were evaluated "
+                  "beside it.", "",
+                  f"| preset | evaluated as | state | {metric} | measured latency | params |",
+                  "|---|---|---|---|---|---|"]
         for b in sorted(result.baselines, key=lambda b: (b["state"] != "complete", -(b.get(metric) or 0))):
             lat = format_ms(b["measured_ms"]) if b.get("measured_ms") else (
                 f"~{format_ms(b['predicted_ms'])} predicted" if b.get("predicted_ms") else "-")
-            lines.append(f"| {b['name']} | {b['state']} | {_fmt(b.get(metric))} | {lat} | {_fmt(b.get('params'))} |")
+            how = "beside the search" if b.get("trial") is None else f"trial {b['trial']}"
+            lines.append(f"| {b['name']} | {how} | {b['state']} | {_fmt(b.get(metric))} | {lat} | "
+                         f"{_fmt(b.get('params'))} |")
         if not fitting:
             lines += ["", "No preset fits the budget at this input."]
         lines.append("")
@@ -69,14 +73,21 @@ def render_report(result, metric: str) -> str:
         lines += ["## Best trials", "", f"| trial | {metric} | measured latency | params | architecture |",
                   "|---|---|---|---|---|"]
         for r in top:
-            from ..arch import Arch
-
             lat = format_ms(r["measured_ms"]) if r.get("measured_ms") else "-"
             lines.append(f"| {r['trial']} | {_fmt(r[metric])} | {lat} | {_fmt(r.get('params'))} | "
                          f"`{Arch.from_json(r['arch']).summary()}` |")
         lines.append("")
     lines += ["![accuracy vs latency](accuracy_vs_latency.png)", "", "![history](history.png)", ""]
     return "\n".join(lines)
+
+
+def _preset_note(best: dict) -> str:
+    """What the report says when a preset won: one of the search's trials, or one evaluated beside it."""
+    if not best.get("preset"):
+        return ""
+    if best.get("trial") is None:
+        return f": the preset **{best['preset']}**, evaluated like the trials, beat every searched candidate"
+    return f": the preset **{best['preset']}** (trial {best['trial']}, a point of the space) beat every other trial"
 
 
 def _interval(best: dict) -> str:

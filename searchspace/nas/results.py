@@ -3,9 +3,10 @@
 ```
 <out>/config.json       the search's settings (a re-run with the same settings resumes)
 <out>/study.db          Optuna storage (unless --storage points elsewhere)
-<out>/trials.csv        every trial: parameters, arch, predicted and measured latency, accuracy, params, MACs, state
+<out>/trials.csv        every trial: parameters, arch, predicted and measured latency, accuracy, params, MACs, state,
+                        and the preset's name for the first trials, the presets that are points of the space
 <out>/pareto.csv        the accuracy/latency front (Pareto objective)
-<out>/baselines.json    presets that fit the budget, evaluated the same way
+<out>/baselines.json    the other presets, evaluated beside the search the same way
 <out>/best.json         the winner: arch, accuracy, latency_ms, input_size, batch_size, device, budget_ms, environment
 <out>/best/arch.json    the winner's architecture, and best/model.safetensors its trained weights
 <out>/accuracy_vs_latency.png, history.png, report.md

@@ -24,6 +24,7 @@ from ..errors import MixerNASError, first_line
 POSTGRES_INSTALL = "pip install 'mixernas[postgres]'"
 CONNECT_TIMEOUT_S = 10  # an address that drops packets fails in seconds, not after the OS's minutes-long TCP timeout
 SQLITE_LOCK_TIMEOUT_S = 60  # several local processes may share one SQLite file: wait for its lock, do not fail
+CREATE_ATTEMPTS = 3  # opens of a new database, racing other workers to create its tables
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")  # for strings too malformed for SQLAlchemy to parse
 
@@ -48,12 +49,19 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
     parsed = _parse(url, shown)
     _check_driver(parsed, shown)
     try:
-        with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna; the caller asked for them
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
-                url, engine_kwargs=_engine_kwargs(parsed),
-                heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                heartbeat_stale_trial_callback=failed_trial_callback)
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():  # heartbeats are "experimental" to Optuna; the caller asked for them
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(
+                        url, engine_kwargs=_engine_kwargs(parsed),
+                        heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                        heartbeat_stale_trial_callback=failed_trial_callback)
+            except sqlalchemy.exc.DBAPIError as exc:
+                # workers that open a new database at the same moment race to create Optuna's tables: the ones
+                # that lose find them made, and open it again
+                if attempt + 1 == CREATE_ATTEMPTS or not _tables_made_meanwhile(exc):
+                    raise
     except sqlalchemy.exc.OperationalError as exc:  # no server, refused, wrong credentials, no such database/file
         raise MixerNASError(_connect_problem(parsed, shown, exc)) from None
     except sqlalchemy.exc.DBAPIError as exc:  # e.g. a user without the right to create Optuna's tables
@@ -117,6 +125,14 @@ def _engine_kwargs(url: URL) -> dict[str, Any]:
             and "connect_timeout" not in url.query:
         return {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
     return {}
+
+
+def _tables_made_meanwhile(exc: sqlalchemy.exc.DBAPIError) -> bool:
+    """The error of creating a table, or stamping its version, that another process has just made."""
+    if isinstance(exc, sqlalchemy.exc.IntegrityError):  # the version stamp (alembic_version) written twice
+        return True
+    text = str(exc.orig if exc.orig is not None else exc).lower()
+    return "already exists" in text or "duplicate key" in text
 
 
 def _reason(exc: sqlalchemy.exc.DBAPIError, url: URL) -> str:

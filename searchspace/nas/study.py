@@ -39,6 +39,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from ..errors import MixerNASError
+from ..presets import list_presets, preset
 from .candidate import Outcome
 from .config import SearchConfig
 from .storage import display_url, open_storage
@@ -50,6 +51,7 @@ MAX_RETRY = 2  # a dead worker's trial is queued again at most this many times
 OUTCOME_ATTR = "outcome"  # everything a trial's evaluation found (one write: each attribute is a transaction)
 WORKER_ATTR = "worker"  # who runs the trial (host/boot:pid) and what it drew: {"id", "params", "distributions"}
 QUEUED_ATTR = "queued"  # set on trials queued as reserved work (presets, NNI's samples)
+PRESET_ATTR = "preset"  # the name of the preset a queued trial evaluates
 SURPLUS_ATTR = "surplus"  # a trial started when the study's trials were all taken: never evaluated
 DUPLICATE_ATTR = "duplicate_of"  # a trial that drew another's parameters: never evaluated
 CONSTRAINTS_KEY = "constraints"  # Optuna's system attribute for constraint values (<= 0 is feasible)
@@ -268,9 +270,15 @@ class SearchStudy:
             directions = ["maximize"]
             pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
         self.sampler = sampler = TrialSeededSampler(sampler_factory(config), config.seed)
+        study = dict(storage=self.storage, study_name=config.name, sampler=sampler, pruner=pruner,
+                     directions=directions)
         try:
-            self.study = optuna.create_study(storage=self.storage, study_name=config.name, sampler=sampler,
-                                             pruner=pruner, directions=directions, load_if_exists=True)
+            try:
+                self.study = optuna.create_study(**study)
+                self.created = True  # the storage lets one worker create a study: that one queues the presets
+            except optuna.exceptions.DuplicatedStudyError:
+                self.study = optuna.create_study(**study, load_if_exists=True)
+                self.created = False
         except ValueError as exc:  # e.g. the stored study has other directions
             raise MixerNASError(f"cannot use study {config.name!r} in {display_url(config.storage_url)}: "
                                 f"{exc}") from None
@@ -361,19 +369,23 @@ class SearchStudy:
         """A trial's outcome in its user attributes, and the latency budget as its constraint."""
         record(trial, outcome, self.config.budget_ms, study_id=self.study_id)
 
-    def enqueue_presets(self, space) -> None:
-        """Presets that are points of the space start a new study: the search begins from the hand-designed models."""
-        if self.trials():
-            return
-        from ..presets import list_presets, preset
+    def enqueue_presets(self, space) -> list[str]:
+        """Queue the presets the search is compared with (``config.baselines``; None = all) that are points of
+        ``space`` as the first trials of the study, at most ``config.trials``; returns their names.
 
-        queued = 0
-        for name in list_presets():
+        Only the worker that created the study queues them, so workers that start together never queue a preset
+        twice, and a resumed study is never queued again.
+        """
+        if not self.created:
+            return []
+        queued = []
+        for name in list_presets() if self.config.baselines is None else self.config.baselines:
             params = space.params_of(preset(name))
-            if params and queued < self.config.trials:
-                self.study.enqueue_trial(params, user_attrs={"preset": name, QUEUED_ATTR: "preset"},
-                                         skip_if_exists=True)
-                queued += 1
+            if params is not None and len(queued) < self.config.trials:
+                self.study.enqueue_trial(params, user_attrs={PRESET_ATTR: name, QUEUED_ATTR: "preset"},
+                                         skip_if_exists=True)  # two presets of one architecture: one trial
+                queued.append(name)
+        return queued
 
     def rows(self) -> list[dict[str, Any]]:
         return trial_rows(self.study)
@@ -437,6 +449,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         retried = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
         row = {
             "trial": t.number,
+            "preset": ua.get(PRESET_ATTR) if counts(t) else None,  # the preset's name when the trial evaluated one
             "state": state,
             "accuracy": ua.get("accuracy"),
             "score": ua.get("score"),
