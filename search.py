@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--final-epochs", type=int, default=None, help="epochs to train the winner (default: 4x)")
     g = p.add_argument_group("search")
     g.add_argument("--space", default="default", help="registered space name or package.module:function "
-                   "(default: default, every built-in mixer)")
+                   "(default: default, every built-in mixer; presets: the 16 published models alone)")
     g.add_argument("--trials", type=int, default=100, help="trials in the study, in total: a resumed search runs "
                    "the missing ones, and workers on one --storage/--study-name share them (default: 100; with "
                    "--timeout, whichever comes first)")
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--workers CPUs)")
     g.add_argument("--workers", type=int, default=1, help="trials evaluated at once with Ray (default: 1)")
     g.add_argument("--baselines", default="all", metavar="all|none|NAME,NAME",
-                   help="presets evaluated beside the winner when they fit the budget (default: all)")
+                   help="presets the search is compared with: those that are points of --space are its first "
+                        "trials (counted in --trials), the others are evaluated beside it (default: all)")
     g.add_argument("--compress", default=None, metavar="RECIPE", help="apply a compression recipe to the winner")
     p.add_argument("--out", default=None, metavar="DIR", help="results folder (default: runs/<space>-<budget>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -219,11 +219,6 @@ class ChoiceSpace(SearchSpace):
         self.name, self.description = name, description
         self._validate()
 
-    @property
-    def acts(self) -> tuple[str, ...]:
-        """The activations the space offers (one when it is fixed)."""
-        return self.choices.get(ACT_PARAM) or (self.base.get(ACT_PARAM, Arch.act),)
-
     def _validate(self) -> None:
         where = f"space {self.name or 'ChoiceSpace'}"
         if not self.stages:

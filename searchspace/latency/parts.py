@@ -15,6 +15,7 @@ and the trial parameter names from ``space.stage_param``, so nothing here restat
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
@@ -27,7 +28,7 @@ from ..blocks import BLOCKS, DOWNSAMPLES, HEADS, STEMS, resolved_options
 from ..errors import MixerNASError
 from ..layers import make_norm
 from ..model import MetaFormerNet
-from ..space import ACT_PARAM, ChoiceSpace, SearchSpace, stage_param
+from ..space import ChoiceSpace, SearchSpace, stage_param
 from .measure import InputSpec, MeasurementError
 
 
@@ -275,7 +276,8 @@ def space_parts(space: SearchSpace, height: int, width: int, in_chans: int = 3,
                 num_classes: int = 1000) -> dict[Part, None]:
     """Every part a :class:`ChoiceSpace` can produce at this input size, without enumerating architectures.
 
-    For each stage: every mixer (and mixer-argument combination) x width x MLP ratio x activation, at the
+    For each stage: every mixer (and mixer-argument combination) x width x MLP ratio x every combination of the
+    space's whole-architecture choices (activation, norm, head), at the
     stage's resolution, with the downsampling from every width of the previous stage; the stem for every first
     width and the head for every last width. Each combination goes through the space's own ``define`` and
     :func:`arch_parts`, so the parts are exactly those of the sampled architectures.
@@ -284,10 +286,10 @@ def space_parts(space: SearchSpace, height: int, width: int, in_chans: int = 3,
         raise MixerNASError(f"space {space.name!r} is define-by-run, so its parts cannot be listed; pass the "
                             f"architectures to measure to LatencyTable.ensure(archs) instead")
     out: dict[Part, None] = {}
-    acts = space.acts if len(space.acts) > 1 else (None,)
+    globals_ = [dict(zip(space.choices, combo)) for combo in itertools.product(*space.choices.values())]
     for i, sc in enumerate(space.stages):
         prev_widths = space.stages[i - 1].widths if i > 0 else (None,)
-        for act in acts:
+        for chosen in globals_:
             for mixer in sc.mixers:
                 for args in _combinations(sc.mixer_args.get(mixer, {})):
                     for dim in sc.widths:
@@ -296,8 +298,7 @@ def space_parts(space: SearchSpace, height: int, width: int, in_chans: int = 3,
                                 fixed = {stage_param(i, "mixer"): mixer, stage_param(i, "width"): dim,
                                          stage_param(i, "mlp_ratio"): ratio, stage_param(i, "depth"): max(sc.depths)}
                                 fixed.update({stage_param(i, k, mixer): v for k, v in args.items()})
-                                if act is not None:
-                                    fixed[ACT_PARAM] = act
+                                fixed.update(chosen)
                                 if prev is not None:
                                     fixed[stage_param(i - 1, "width")] = prev
                                 arch = space.define(_Pick(fixed))
