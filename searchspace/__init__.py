@@ -7,13 +7,14 @@
 ['additive', 'attention', 'gpsa']
 """
 
+from . import timm_compat  # noqa: F401  makes every preset (and "mixernas") a timm model
 from .arch import Arch, Blocks, FrozenArgs, Stage
 from .data import DataBundle, load_data
 from .errors import InvalidArchError, MixerNASError, UnknownNameError
 from .mixers import MixerSpec, create_mixer, get_mixer, list_mixers, register_mixer, unregister_mixer
-from .model import MetaFormerNet, build_model, resolve_arch
+from .model import MetaFormerNet, build_model
 from .nas import SearchConfig, SearchResult, load_model, search
-from .presets import list_presets, preset, preset_spec, register_preset
+from .presets import list_presets, preset, preset_spec, register_preset, resolve_arch
 from .space import ChoiceSpace, SearchSpace, StageChoices, get_space, list_spaces, register_space
 
 __version__ = "0.1.0"

@@ -7,6 +7,10 @@ Block variants (``Arch.block`` or per run ``Blocks.block``):
   (EfficientMod's modulation blocks).
 * ``casvit`` - CAS-ViT: ``x + local(x)``, ``x + mixer(norm(x))``, ``x + mlp(norm(x))`` with a
   local-integration convolution branch first.
+
+Every block exposes its two halves, ``mixer_half(x)`` (the token-mixing residual steps) and ``mlp_half(x)`` (the
+channel-MLP step; the identity where there is none), and its forward is ``mlp_half(mixer_half(x))``: token pruning
+selects tokens between the two without re-typing the block.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from torch import nn
 
 from .layers import ConvMlp, DropPath, Scale, SquaredReLU, make_norm
 from .mixers import create_mixer
+from .mixers.additive import LocalIntegration
 from .registry import Registry
 
 if TYPE_CHECKING:
@@ -65,11 +70,18 @@ class MetaFormerBlock(nn.Module):
             self.layer_scale2 = _scale(dim, run.layer_scale)
             self.res_scale2 = _scale(dim, run.res_scale)
 
+    def mixer_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``rs1(x) + ls1(mixer(norm1(x)))``: the token-mixing step."""
+        return self.res_scale1(x) + self.layer_scale1(self.drop_path(self.mixer(self.norm1(x))))
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        """``rs2(x) + ls2(mlp(norm2(x)))``, or ``x`` without an MLP."""
+        if not self.has_mlp:
+            return x
+        return self.res_scale2(x) + self.layer_scale2(self.drop_path(self.mlp(self.norm2(x))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.res_scale1(x) + self.layer_scale1(self.drop_path(self.mixer(self.norm1(x))))
-        if self.has_mlp:
-            x = self.res_scale2(x) + self.layer_scale2(self.drop_path(self.mlp(self.norm2(x))))
-        return x
+        return self.mlp_half(self.mixer_half(x))
 
 
 class FusedBlock(nn.Module):
@@ -84,8 +96,14 @@ class FusedBlock(nn.Module):
         self.layer_scale = _scale(dim, run.layer_scale)
         self.res_scale = _scale(dim, run.res_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mixer_half(self, x: torch.Tensor) -> torch.Tensor:
         return self.res_scale(x) + self.layer_scale(self.drop_path(self.mixer(self.norm(x))))
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # the mixer mixes channels too: there is no separate MLP step
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_half(self.mixer_half(x))
 
 
 class CASViTBlock(nn.Module):
@@ -93,8 +111,6 @@ class CASViTBlock(nn.Module):
 
     def __init__(self, dim: int, run: Blocks, arch: Arch, index: int = 0, drop_path: float = 0.0):
         super().__init__()
-        from .mixers.additive import LocalIntegration
-
         cfg = resolved_options(run, arch)
         self.local = LocalIntegration(dim, act=cfg["act"], norm=cfg["norm"])
         self.norm1 = make_norm(cfg["norm"], dim, arch.norm_eps)
@@ -107,12 +123,18 @@ class CASViTBlock(nn.Module):
             self.mlp = ConvMlp(dim, int(run.mlp_ratio * dim), cfg["act"], cfg["mlp_bias"])
             self.layer_scale2 = _scale(dim, run.layer_scale)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def mixer_half(self, x: torch.Tensor) -> torch.Tensor:
+        """The local-integration step, then the mixer's."""
         x = x + self.local(x)
-        x = x + self.layer_scale1(self.drop_path(self.mixer(self.norm1(x))))
-        if self.has_mlp:
-            x = x + self.layer_scale2(self.drop_path(self.mlp(self.norm2(x))))
-        return x
+        return x + self.layer_scale1(self.drop_path(self.mixer(self.norm1(x))))
+
+    def mlp_half(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.has_mlp:
+            return x
+        return x + self.layer_scale2(self.drop_path(self.mlp(self.norm2(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_half(self.mixer_half(x))
 
 
 BLOCKS.add("metaformer", MetaFormerBlock)
@@ -200,6 +222,8 @@ DOWNSAMPLES.add("norm_conv2", lambda cin, cout, arch: ConvNorm(cin, cout, 2, 2, 
 class MlpHead(nn.Module):
     """MetaFormer's MLP classifier: linear (ratio 4), SquaredReLU, LayerNorm, dropout, linear."""
 
+    classifier_names = ("fc2",)  # the layers that give the logits (timm's pretrained_cfg "classifier")
+
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.0, ratio: float = 4.0):
         super().__init__()
         hidden = int(ratio * dim)
@@ -214,6 +238,10 @@ class MlpHead(nn.Module):
 
 
 class LinearHead(nn.Sequential):
+    """Dropout, then a linear classifier."""
+
+    classifier_names = ("fc",)
+
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
         self.drop = nn.Dropout(dropout)
@@ -226,6 +254,8 @@ class DistilledLinearHead(nn.Module):
     CAS-ViT is published with this head (its parameter counts include both); :meth:`forward_both` gives the two
     logits apart for a distillation loss.
     """
+
+    classifier_names = ("fc", "fc_dist")
 
     def __init__(self, dim: int, num_classes: int, dropout: float = 0.0):
         super().__init__()
@@ -242,7 +272,8 @@ class DistilledLinearHead(nn.Module):
         return (cls + dist) / 2
 
 
-# factory(features, num_classes, dropout) -> classifier on pooled, normalised features
+# factory(features, num_classes, dropout) -> classifier on pooled, normalised features; a head class may name the
+# layers that give the logits in ``classifier_names`` (timm's pretrained_cfg reads them)
 HEADS.add("linear", LinearHead)
 HEADS.add("linear_distill", DistilledLinearHead)
 HEADS.add("mlp", MlpHead)

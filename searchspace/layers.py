@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import MixerNASError
 from .registry import Registry
 
 # --------------------------------------------------------------------------------------------------- activations
@@ -80,13 +81,15 @@ class GroupNorm1(nn.GroupNorm):
         return F.group_norm(x, 1, self.weight, self.bias, self.eps)
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm with the (eps, bias) signature of the other norms; eps below 1e-5 is raised to 1e-5."""
+def batch_norm2d(dim: int, eps: float = 1e-5, bias: bool = True) -> nn.BatchNorm2d:
+    """``nn.BatchNorm2d`` with the (eps, bias) signature of the other norms; eps below 1e-5 is raised to 1e-5.
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
-        super().__init__(dim, eps=max(eps, 1e-5), affine=True)
-        if not bias:
-            raise ValueError("batchnorm always has a bias")
+    A plain ``nn.BatchNorm2d``, not a subclass: torch.fx keeps ``torch.nn`` modules whole (a subclass would be
+    traced into, and its input-rank check cannot run on a symbolic tensor) and torch-pruning knows it by type.
+    """
+    if not bias:
+        raise MixerNASError("batchnorm always has a bias; use another norm for a bias-free model")
+    return nn.BatchNorm2d(dim, eps=max(eps, 1e-5), affine=True)
 
 
 def _identity_norm(dim: int, eps: float = 1e-6, bias: bool = True) -> nn.Module:
@@ -98,7 +101,7 @@ NORMS.add("layernorm", lambda dim, eps=1e-6: LayerNorm2d(dim, eps, bias=True))
 NORMS.add("layernorm_nobias", lambda dim, eps=1e-6: LayerNorm2d(dim, eps, bias=False))
 NORMS.add("groupnorm", lambda dim, eps=1e-6: GroupNorm1(dim, eps, bias=True))
 NORMS.add("groupnorm_nobias", lambda dim, eps=1e-6: GroupNorm1(dim, eps, bias=False))
-NORMS.add("batchnorm", lambda dim, eps=1e-5: BatchNorm2d(dim, eps))
+NORMS.add("batchnorm", lambda dim, eps=1e-5: batch_norm2d(dim, eps))
 NORMS.add("identity", lambda dim, eps=1e-6: nn.Identity())
 
 
@@ -119,7 +122,8 @@ class Scale(nn.Module):
         self.scale = nn.Parameter(torch.full((dim,), float(init)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.scale.view(1, -1, *([1] * (x.dim() - 2)))
+        # a tuple sum, not *-unpacking: torch.fx can record ``(1, -1) + (1,) * (x.dim() - 2)`` but not iterate it
+        return x * self.scale.view((1, -1) + (1,) * (x.dim() - 2))
 
 
 class DropPath(nn.Module):

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from timm.models._features import feature_take_indices
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .arch import Arch
 from .blocks import BLOCKS, DOWNSAMPLES, HEADS, STEMS
 from .errors import MixerNASError
 from .layers import make_norm
+from .presets import resolve_arch
+
+__all__ = ["MetaFormerNet", "MetaFormerStage", "build_model", "resolve_arch"]
 
 
 class MetaFormerStage(nn.Module):
@@ -28,14 +34,19 @@ class MetaFormerStage(nn.Module):
 class MetaFormerNet(nn.Module):
     """A MetaFormer backbone built from an ``Arch``: ``stem -> stages -> pool -> norm -> classifier``.
 
-    Follows timm's model conventions (``forward_features``, ``forward_head``, ``reset_classifier``,
-    ``feature_info``), so timm's training, benchmark and feature-extraction tools work on it.
+    It has timm's model interface, so timm's training, benchmark and feature-extraction tools work on it:
+    ``forward_features`` (the last stage's map), ``forward_head(x, pre_logits)``, ``forward_intermediates``,
+    ``prune_intermediate_layers``, ``get_classifier``, ``reset_classifier``, ``set_grad_checkpointing`` and
+    ``feature_info``. The forward traces with ``torch.fx``, ``torch.export`` and ``torch.compile(fullgraph=True)``.
+
+    >>> model = build_model("PoolFormerV2-S12", num_classes=10)
+    >>> [f.shape[1] for f in model.forward_intermediates(torch.randn(1, 3, 64, 64), intermediates_only=True)]
+    [64, 128, 320, 512]
     """
 
     def __init__(self, arch: Arch, num_classes: int = 1000, in_chans: int = 3, drop_path: float | None = None):
         super().__init__()
-        if not isinstance(num_classes, int) or num_classes < 0:
-            raise MixerNASError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        _check_num_classes(num_classes)
         if not isinstance(in_chans, int) or in_chans < 1:
             raise MixerNASError(f"in_chans must be a positive integer, got {in_chans!r}")
         self.arch = arch
@@ -77,35 +88,102 @@ class MetaFormerNet(nn.Module):
     # ---------------------------------------------------------------------------------------- timm interface
 
     def get_classifier(self) -> nn.Module:
+        """The classifier on the pooled, normalised features (``nn.Identity`` at ``num_classes=0``)."""
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` (0: ``forward`` returns the pooled features).
+
+        ``global_pool`` is timm's argument; MixerNAS models always average (``None`` or ``"avg"``).
+        """
+        _check_num_classes(num_classes)
+        check_global_pool(global_pool)
+        head = self._make_head(num_classes)
+        head.apply(_init_weights)
+        ref = next(self.parameters(), None)  # the new head lives where the model does
+        if ref is not None:
+            head = head.to(device=ref.device, dtype=ref.dtype)
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        self.head = head.train(self.training)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in the backward pass instead of keeping its activations (less memory, slower)."""
         self.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last stage's map, ``(B, num_features, H/32, W/32)`` for four stages, before the head norm."""
         x = self.stem(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            from torch.utils.checkpoint import checkpoint
-
+        if self.grad_checkpointing:
             for stage in self.stages:
                 x = checkpoint(stage, x, use_reentrant=False)
             return x
         return self.stages(x)
 
-    def forward_intermediates(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The output of every stage, highest resolution first (for dense-prediction necks)."""
-        out = []
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs for dense-prediction necks, with timm's signature and semantics.
+
+        Args:
+            x: input images ``(B, in_chans, H, W)``.
+            indices: the stages to return: ``None`` for all, an int ``n`` for the last ``n``, or a sequence of
+                indices (negative ones count from the end).
+            norm: apply the head norm to the last stage's output. Only where the architecture normalises the map
+                (``Arch.head_norm_first``); a norm of pooled features does not apply to a map and is left out.
+            stop_early: run no stage after the last one returned.
+            output_fmt: ``"NCHW"``, the only layout.
+            intermediates_only: return the list alone.
+
+        Returns:
+            ``(features, intermediates)``: the output of the last stage run (``forward_features(x)`` unless
+            ``stop_early`` stopped sooner) and the selected stage outputs, first stage first; or only the list.
+        """
+        if output_fmt != "NCHW":
+            raise MixerNASError(f"output_fmt must be 'NCHW' (MixerNAS maps are channels-first), got {output_fmt!r}")
+        take_indices, max_index = _take_indices(len(self.stages), indices)
+        stages = self.stages[: max_index + 1] if stop_early else self.stages
+        final = len(self.arch.stages) - 1  # the stage the head norm was built for (stages may have been pruned)
+        intermediates = []
         x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
+        for i, stage in enumerate(stages):
+            x = checkpoint(stage, x, use_reentrant=False) if self.grad_checkpointing else stage(x)
+            if i in take_indices:
+                normed = norm and i == final and self.arch.head_norm_first
+                intermediates.append(self.head_norm(x) if normed else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last of ``indices`` (and the head and norm where asked); returns the
+        absolute indices, which :meth:`forward_intermediates` then takes (timm's feature getter calls this).
+
+        Once the last stage is gone the head norm and classifier, sized for it, go too and ``num_features``
+        becomes the width of the new last stage.
+        """
+        take_indices, max_index = _take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[: max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
+            self.head_norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0)
+        return take_indices
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool and normalise ``forward_features``' map (in the architecture's order), then classify.
+
+        ``pre_logits=True`` returns the ``(B, num_features)`` pooled, normalised features.
+        """
         if self.arch.head_norm_first:
             x = self.head_norm(x).mean((2, 3))
         else:
@@ -116,29 +194,31 @@ class MetaFormerNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+def _check_num_classes(num_classes: int) -> None:
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0:
+        raise MixerNASError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+
+
+def check_global_pool(global_pool: str | None) -> None:
+    """MixerNAS models average: timm's ``global_pool`` may only be ``None`` or ``"avg"``."""
+    if global_pool not in (None, "avg"):
+        raise MixerNASError(f"global_pool={global_pool!r} is not supported: MixerNAS models average ('avg'); "
+                            "for the unpooled map use forward_features")
+
+
+def _take_indices(num_stages: int, indices: int | Sequence[int] | None) -> tuple[list[int], int]:
+    """timm's ``feature_take_indices``, with a :class:`MixerNASError` instead of an assertion for bad indices."""
+    try:
+        return feature_take_indices(num_stages, indices)
+    except (AssertionError, TypeError, ValueError) as exc:  # out of range, not ints, or none at all
+        raise MixerNASError(f"indices {indices!r} do not select stages of a {num_stages}-stage model: {exc}") from None
+
+
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, (nn.Conv2d, nn.Linear)):
         nn.init.trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
-
-
-def resolve_arch(arch_or_name: Arch | str | dict[str, Any]) -> Arch:
-    """An ``Arch`` from an ``Arch``, a preset name, a path to an arch JSON file, or a dict."""
-    from pathlib import Path
-
-    from .presets import PRESETS, preset
-
-    if isinstance(arch_or_name, Arch):
-        return arch_or_name
-    if isinstance(arch_or_name, dict):
-        return Arch.from_dict(arch_or_name)
-    if isinstance(arch_or_name, (str, Path)):
-        text = str(arch_or_name)
-        if text in PRESETS or not (text.endswith(".json") or Path(text).exists()):
-            return preset(text)
-        return Arch.load(text)
-    raise MixerNASError(f"expected an Arch, a preset name or an arch JSON path, got {type(arch_or_name).__name__}")
 
 
 def build_model(arch: Arch | str | dict[str, Any], num_classes: int = 1000, in_chans: int = 3,

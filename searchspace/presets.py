@@ -10,8 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from .arch import Arch, Blocks, Stage
+from .errors import MixerNASError
 from .registry import Registry
 
 
@@ -27,17 +30,30 @@ class PresetSpec:
 
 
 PRESETS: Registry[PresetSpec] = Registry("preset")
+_listeners: list[Callable[[str], None]] = []
 
 
 def register_preset(name: str, make: Callable[[], Arch], *, source: str = "", timm_name: str | None = None,
                     published_params: float | None = None, published_precision: float = 0.1, notes: str = "",
                     overwrite: bool = False) -> None:
-    """Add a named architecture; ``make`` is called on each :func:`preset` lookup."""
+    """Add a named architecture; ``make`` is called on each :func:`preset` lookup.
+
+    Once ``searchspace`` is imported the preset is also a timm model (``searchspace.timm_compat``).
+    """
     spec = PresetSpec(name, make, source, timm_name, published_params, published_precision, notes)
     PRESETS.add(name, spec, overwrite=overwrite)
-    from .timm_compat import register_timm_preset
+    for callback in _listeners:
+        callback(name)
 
-    register_timm_preset(name)
+
+def on_preset_registered(callback: Callable[[str], None]) -> None:
+    """Call ``callback(name)`` for every preset registered so far and for each one registered later.
+
+    This is how ``timm_compat`` makes every preset a timm model without this module importing timm.
+    """
+    _listeners.append(callback)
+    for name in PRESETS.names():
+        callback(name)
 
 
 def preset(name: str) -> Arch:
@@ -52,6 +68,24 @@ def list_presets() -> list[str]:
 
 def preset_spec(name: str) -> PresetSpec:
     return PRESETS.get(name)
+
+
+def resolve_arch(arch_or_name: Arch | str | Path | dict[str, Any]) -> Arch:
+    """An ``Arch`` from an ``Arch``, a preset name, a path to an arch JSON file, or a dict.
+
+    >>> resolve_arch("CAFormer-S18").mixers
+    ('sepconv', 'sepconv', 'attention', 'attention')
+    """
+    if isinstance(arch_or_name, Arch):
+        return arch_or_name
+    if isinstance(arch_or_name, dict):
+        return Arch.from_dict(arch_or_name)
+    if isinstance(arch_or_name, (str, Path)):
+        text = str(arch_or_name)
+        if text in PRESETS or not (text.endswith(".json") or Path(text).exists()):
+            return preset(text)
+        return Arch.load(text)
+    raise MixerNASError(f"expected an Arch, a preset name or an arch JSON path, got {type(arch_or_name).__name__}")
 
 
 # ------------------------------------------------------------------------------------ MetaFormer baselines (v2)

@@ -66,3 +66,30 @@ def test_attention_is_declared_not_guessed():
 def test_unknown_mixer_argument_is_named():
     with pytest.raises(searchspace.MixerNASError, match="pool_sise"):
         searchspace.create_mixer("pooling", 32, pool_sise=3)
+
+
+# one argument each mixer cannot use (identity and additive take none that can be wrong, only unknown ones)
+BAD_ARGUMENTS = {
+    "identity": {"size": 3},
+    "pooling": {"pool_size": 4},
+    "sepconv": {"kernel_size": 0},
+    "modulation": {"expansion": 0},
+    "additive": {"heads": 2},
+    "hadamard": {"order": 0},
+    "random": {"seed": "zero"},
+    "strip_attention": {"num_heads": 3},
+    "gpsa": {"num_heads": 3},
+    "attention": {"head_dim": 0},
+}
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_bad_arguments_raise_mixernas_error(name):
+    args = BAD_ARGUMENTS[name]
+    with pytest.raises(searchspace.MixerNASError):
+        searchspace.create_mixer(name, 40, **args)
+    check = getattr(searchspace.get_mixer(name).factory, "check", None)
+    if check is not None:  # what architectures are validated with says why, without building anything
+        assert check(40, **args)
+        with pytest.raises(searchspace.InvalidArchError):
+            searchspace.Arch(stages=(searchspace.Stage(mixer=name, depth=1, width=40, mixer_args=args),))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from searchspace.errors import MixerNASError
 from searchspace.mixers import create_mixer, get_mixer
 from searchspace.mixers.attention import GPSA, conv_offsets, head_layout, relative_offsets
 from searchspace.mixers.basic import RandomMixing, random_mixing_matrix
@@ -106,12 +107,17 @@ def test_efficientmod_attention_layout(dim):
     ("pooling", 64, {"pool_size": 2}),
     ("sepconv", 64, {"kernel_size": 4}),
     ("sepconv", 64, {"act": "nope"}),
+    ("random", 64, {"seed": 1.5}),
 ])
 def test_unusable_arguments_are_rejected_by_check_and_constructor(name, dim, args):
     factory = get_mixer(name).factory
-    assert factory.check(dim, **args)
-    with pytest.raises(ValueError):
+    problem = factory.check(dim, **args)
+    assert problem
+    with pytest.raises(MixerNASError, match=f"^{name}: ") as info:
         factory(dim, **args)
+    assert problem in str(info.value)
+    with pytest.raises(MixerNASError):
+        create_mixer(name, dim, **args)
 
 
 def test_check_accepts_what_presets_use():
@@ -125,7 +131,7 @@ def test_head_layout_rules():
     assert head_layout(320) == (10, 32)
     assert head_layout(16) == (1, 32)  # at least one head
     assert head_layout(64, num_heads=4) == (4, 16)
-    with pytest.raises(ValueError):
+    with pytest.raises(MixerNASError, match="head_dim >= 1"):
         head_layout(64, head_dim=0)
 
 

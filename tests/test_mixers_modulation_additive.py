@@ -6,6 +6,7 @@ torch-pruning removing exactly the channels that belong together.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from searchspace.errors import MixerNASError
-from searchspace.mixers import create_mixer
+from searchspace.arch import Arch, Stage
+from searchspace.errors import InvalidArchError, MixerNASError
+from searchspace.mixers import create_mixer, get_mixer
 from searchspace.mixers.additive import AdditiveMixer, LocalIntegration
 from searchspace.mixers.modulation import Modulation, RecursiveGatedConv
 from searchspace.testing import MixerContract
@@ -251,3 +253,11 @@ def test_uniform_pruning_keeps_hornet_channel_progression():
 def test_bad_arguments_say_what_must_hold(name, args, match):
     with pytest.raises(MixerNASError, match=match):
         create_mixer(name, 16, **args)
+    assert re.search(match, get_mixer(name).factory.check(16, **args))  # the same reason, before building
+
+
+def test_an_architecture_with_bad_mixer_arguments_is_invalid():
+    with pytest.raises(InvalidArchError, match=r"stages\[0\].width.*expansion must be an integer >= 1"):
+        Arch(stages=(Stage(mixer="modulation", depth=2, width=16, cycle={"expansion": (1, 0)}),))
+    with pytest.raises(InvalidArchError, match=r"order 6 needs dim >= 32"):
+        Arch(stages=(Stage(mixer="hadamard", depth=1, width=16, mixer_args={"order": 6}),))

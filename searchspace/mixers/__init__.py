@@ -19,6 +19,12 @@ Register your own in a few lines and it becomes searchable like a built-in one::
             return self.pool(x) - x
 
     arch = searchspace.preset("PoolFormerV2-S12").replace_mixer(2, "maxpool")
+
+A mixer whose arguments can be wrong declares a static ``check(dim, **args) -> str | None`` that says why they
+cannot build it (``None`` when they can). Architectures are validated with it, so a bad search space or arch file
+fails before any module is built, and the built-in mixers' constructors raise :class:`MixerNASError` with the same
+reason. Forwards are plain tensor code without branches on sizes, so models trace with ``torch.fx``,
+``torch.export`` and ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations

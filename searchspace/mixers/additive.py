@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import BatchNorm2d, make_act, make_norm
+from ..layers import batch_norm2d, make_act, make_norm
 from . import register_mixer
 
 
@@ -31,7 +31,7 @@ class SpatialGate(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.dwconv = _dwconv3x3(dim)
-        self.norm = BatchNorm2d(dim)
+        self.norm = batch_norm2d(dim)
         self.act = nn.ReLU()
         bound = dim**-0.5  # the default init of the C->1 conv it replaces
         self.score = nn.Parameter(torch.empty(dim).uniform_(-bound, bound))

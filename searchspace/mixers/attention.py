@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import MixerNASError
 from . import register_mixer
+from .basic import cacheable_size
 
 
 def head_layout(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0) -> tuple[int, int]:
@@ -34,7 +36,7 @@ def head_layout(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: 
     ((10, 32), (8, 32), (8, 36))
     """
     if problem := _head_problem(dim, head_dim, num_heads, min_head_dim, need_divisible=False):
-        raise ValueError(problem)
+        raise MixerNASError(problem)
     if num_heads:
         return num_heads, max(dim // num_heads, min_head_dim, 1)
     return max(dim // head_dim, 1), max(head_dim, min_head_dim)
@@ -49,6 +51,7 @@ def _head_problem(dim: int, head_dim: int, num_heads: int, min_head_dim: int = 0
     return None
 
 
+@torch.fx.wrap  # a loop on a size read from the tensor: torch.fx records the call instead of tracing into it
 def _heads_dividing(width: int, heads: int) -> int:
     """``heads``, or the largest smaller count that splits ``width`` evenly (after pruning that ignored the heads)."""
     heads = max(min(heads, width), 1)
@@ -107,7 +110,7 @@ class Attention(nn.Module):
                  qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
         if problem := self.check(dim, head_dim, num_heads, min_head_dim):
-            raise ValueError(problem)
+            raise MixerNASError(f"attention: {problem}")
         self.num_heads, hd = head_layout(dim, head_dim, num_heads, min_head_dim)
         self.qkv = nn.Linear(dim, 3 * self.num_heads * hd, bias=qkv_bias)
         self.proj = nn.Linear(self.num_heads * hd, dim, bias=proj_bias)
@@ -183,7 +186,7 @@ class StripAttention(nn.Module):
                  qkv_bias: bool = False, proj_bias: bool = True):
         super().__init__()
         if problem := self.check(dim, sr_ratio, qk_ratio, qk_dim, num_heads):
-            raise ValueError(problem)
+            raise MixerNASError(f"strip_attention: {problem}")
         qk = qk_dim or max(round(qk_ratio * dim), 1)
         qk = -(-qk // num_heads) * num_heads
         self.num_heads = num_heads
@@ -208,10 +211,8 @@ class StripAttention(nn.Module):
         reduced = x
         s = self.sr_ratio
         if s > 1:
-            pad_h, pad_w = -h % s, -w % s
-            if pad_h or pad_w:
-                reduced = F.pad(reduced, (0, pad_w, 0, pad_h))
-            reduced = self.sr(reduced)
+            # padding by zero rows is a copy, not a branch on the size, so torch.fx can trace it
+            reduced = self.sr(F.pad(reduced, (0, -w % s, 0, -h % s)))
         q, k, v = self._heads(self.q(x)), self._heads(self.k(reduced)), self._heads(self.v(reduced))
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C_v // heads)
         out = out.transpose(-1, -2).reshape(b, -1, h, w)
@@ -307,7 +308,7 @@ class GPSA(nn.Module):
                  proj_bias: bool = True, locality_strength: float = 1.0, local_init: bool = True):
         super().__init__()
         if problem := self.check(dim, head_dim, num_heads):
-            raise ValueError(problem)
+            raise MixerNASError(f"gpsa: {problem}")
         heads, hd = head_layout(dim, head_dim, num_heads)
         self.locality_strength = float(locality_strength)
         self.local_init = bool(local_init)
@@ -367,12 +368,13 @@ class GPSA(nn.Module):
 
     def _offsets(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """``relative_offsets`` as a ``(3, N*N)`` matrix, cached per size outside the state dict (not when traced)."""
+        if not cacheable_size(height, width):
+            return relative_offsets(height, width, device, dtype).view(-1, 3).t().contiguous()
         key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
         rel = self._offset_cache.get(key)
         if rel is None:
             rel = relative_offsets(height, width, device, dtype).view(-1, 3).t().contiguous()
-            if not torch.compiler.is_compiling():
-                self._offset_cache[key] = rel
+            self._offset_cache[key] = rel
         return rel
 
     def __getstate__(self):  # the cache is derived data: keep it out of pickles and deep copies

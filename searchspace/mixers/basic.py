@@ -7,19 +7,32 @@ Vision" (PoolFormer, arXiv 2111.11418). Parameter names follow timm's ``metaform
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
+from ..errors import MixerNASError
 from ..layers import ACTIVATIONS, make_act
 from . import register_mixer
 
 METAFORMER_V2 = "Yu et al., MetaFormer Baselines for Vision (arXiv 2210.13452)"
 
 
-def _odd_kernel_problem(name: str, size: int) -> str | None:
-    if not isinstance(size, int) or size < 1 or size % 2 == 0:
-        return f"{name} must be a positive odd integer so the output keeps the input size, got {size!r}"
+def odd_kernel_problem(name: str, size: int) -> str | None:
+    """Why ``size`` cannot be the side of a same-size convolution or pooling window, or None."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % 2 == 0:
+        return f"{name} must be a positive odd integer, got {size!r} (so the output keeps the input size)"
     return None
+
+
+def cacheable_size(height: int, width: int) -> bool:
+    """Whether a tensor derived from ``(height, width)`` may be cached: only for concrete sizes in eager mode.
+
+    Under torch.fx the sizes are proxies, under torch.compile and torch.export the tensors are fake (and the sizes
+    may be symbolic); such tensors are computed in the graph and must never enter a cache.
+    """
+    return type(height) is int and type(width) is int and not torch.compiler.is_compiling()
 
 
 @register_mixer(
@@ -58,12 +71,12 @@ class Pooling(nn.Module):
     @staticmethod
     def check(dim: int, pool_size: int = 3, **_) -> str | None:
         """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
-        return _odd_kernel_problem("pool_size", pool_size)
+        return odd_kernel_problem("pool_size", pool_size)
 
     def __init__(self, dim: int, pool_size: int = 3):
         super().__init__()
         if problem := self.check(dim, pool_size):
-            raise ValueError(problem)
+            raise MixerNASError(f"pooling: {problem}")
         self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -92,13 +105,13 @@ class SepConv(nn.Module):
             return f"expansion * dim must give at least one hidden channel, got {expansion} * {dim}"
         if act not in ACTIVATIONS:
             return f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS.names())}"
-        return _odd_kernel_problem("kernel_size", kernel_size)
+        return odd_kernel_problem("kernel_size", kernel_size)
 
     def __init__(self, dim: int, expansion: float = 2.0, kernel_size: int = 7, act: str = "starrelu",
                  bias: bool = False):
         super().__init__()
         if problem := self.check(dim, expansion, kernel_size, act):
-            raise ValueError(problem)
+            raise MixerNASError(f"sepconv: {problem}")
         hidden = int(expansion * dim)
         self.pwconv1 = nn.Conv2d(dim, hidden, 1, bias=bias)
         self.act1 = make_act(act)
@@ -162,8 +175,17 @@ class RandomMixing(nn.Module):
     (True, 0)
     """
 
+    @staticmethod
+    def check(dim: int, seed: int = 0, **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            return f"seed must be an integer, got {seed!r}"
+        return None
+
     def __init__(self, dim: int, seed: int = 0):
         super().__init__()
+        if problem := self.check(dim, seed):
+            raise MixerNASError(f"random: {problem}")
         self.seed = int(seed)
         self._cache: dict[tuple, torch.Tensor] = {}
 
@@ -172,12 +194,13 @@ class RandomMixing(nn.Module):
         return self._transposed(height, width, torch.device(device or "cpu"), dtype).t()
 
     def _transposed(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        if not cacheable_size(height, width):
+            return random_mixing_matrix(height, width, self.seed, device).t().contiguous().to(dtype)
         key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
         matrix = self._cache.get(key)
         if matrix is None:
             matrix = random_mixing_matrix(height, width, self.seed, device).t().contiguous().to(dtype)
-            if not torch.compiler.is_compiling():  # a traced (fake) tensor must never enter the cache
-                self._cache[key] = matrix
+            self._cache[key] = matrix
         return matrix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,30 @@
 """Hadamard-product mixers: EfficientMod's modulation and HorNet's recursive gated convolution.
 
 Both mix tokens by multiplying a cheap spatial "context" (a depthwise convolution) into a linear projection of the
-input, elementwise. Sizes (such as the repeat factor of the context) are read from the tensors at run time, so
-structured channel pruning (torch-pruning) may shrink any of the convolutions and the forward still runs.
+input, elementwise. Channel counts are never stored: structured channel pruning (torch-pruning) may shrink any of
+the convolutions and the forward still runs. The one stored size, modulation's expansion ``r``, is a ratio that
+pruning keeps (a context channel and the ``r`` value channels it multiplies form one pruning group).
 """
 
 from __future__ import annotations
+
+import numbers
 
 import torch
 from torch import nn
 
 from ..errors import MixerNASError
-from ..layers import make_act
+from ..layers import ACTIVATIONS, make_act
 from . import register_mixer
+from .basic import odd_kernel_problem
 
 
-def _check_kernel(mixer: str, kernel_size: int) -> None:
-    if kernel_size < 1 or kernel_size % 2 == 0:
-        raise MixerNASError(f"{mixer}: kernel_size must be a positive odd integer, got {kernel_size!r}")
+def _positive_int_problem(name: str, value: object) -> str | None:
+    """Why ``value`` is not a whole number >= 1 (an int, or a float such as 2.0 read from a file), or None."""
+    whole = isinstance(value, numbers.Integral) or isinstance(value, float) and value.is_integer()
+    if isinstance(value, bool) or not whole or value < 1:
+        return f"{name} must be an integer >= 1, got {value!r}"
+    return None
 
 
 @register_mixer(
@@ -49,12 +56,20 @@ class Modulation(nn.Module):
         torch.Size([2, 64, 7, 9])
     """
 
+    @staticmethod
+    def check(dim: int, expansion: int = 1, kernel_size: int = 7, act: str = "gelu", **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
+        if problem := _positive_int_problem("expansion", expansion) or odd_kernel_problem("kernel_size", kernel_size):
+            return problem
+        if act not in ACTIVATIONS:
+            return f"unknown activation {act!r}; known: {', '.join(ACTIVATIONS.names())}"
+        return None
+
     def __init__(self, dim: int, expansion: int = 1, kernel_size: int = 7, act: str = "gelu", bias: bool = True):
         super().__init__()
-        if int(expansion) != expansion or expansion < 1:
-            raise MixerNASError(f"modulation: expansion must be an integer >= 1, got {expansion!r}")
-        _check_kernel("modulation", kernel_size)
-        expansion = int(expansion)
+        if problem := self.check(dim, expansion, kernel_size, act):
+            raise MixerNASError(f"modulation: {problem}")
+        self.expansion = expansion = int(expansion)
         self.f = nn.Conv2d(dim, dim, 1)
         self.dwconv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
         self.context_act = make_act(act)
@@ -67,11 +82,11 @@ class Modulation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         context = self.g(self.context_act(self.dwconv(self.f(x))))
         value = self.value_act(self.fc1(x))
-        repeat = value.shape[1] // context.shape[1]
-        if repeat > 1:
+        if self.expansion > 1:
             # cat, not Tensor.repeat: torch-pruning maps cat indices (context channel j <-> value channels
-            # j, C+j, ...) but treats repeat as elementwise and would prune mismatched channels.
-            context = torch.cat([context] * repeat, dim=1)
+            # j, C+j, ...) but treats repeat as elementwise and would prune mismatched channels. The stored
+            # ratio, not one read from the tensors, keeps the forward traceable by torch.fx.
+            context = torch.cat([context] * self.expansion, dim=1)
         return self.fc2(value * context)
 
 
@@ -106,14 +121,20 @@ class RecursiveGatedConv(nn.Module):
         torch.Size([1, 64, 5, 3])
     """
 
+    @staticmethod
+    def check(dim: int, order: int = 3, kernel_size: int = 7, **_) -> str | None:
+        """Why these arguments cannot build the mixer, or None (architectures are validated with it)."""
+        if problem := _positive_int_problem("order", order):
+            return problem
+        if dim < 2 ** (int(order) - 1):
+            return f"order {int(order)} needs dim >= {2 ** (int(order) - 1)} channels, got {dim}"
+        return odd_kernel_problem("kernel_size", kernel_size)
+
     def __init__(self, dim: int, order: int = 3, kernel_size: int = 7, scale: float = 1 / 3):
         super().__init__()
-        if int(order) != order or order < 1:
-            raise MixerNASError(f"hadamard: order must be an integer >= 1, got {order!r}")
+        if problem := self.check(dim, order, kernel_size):
+            raise MixerNASError(f"hadamard: {problem}")
         order = int(order)
-        if dim < 2 ** (order - 1):
-            raise MixerNASError(f"hadamard: order {order} needs dim >= {2 ** (order - 1)} channels, got {dim}")
-        _check_kernel("hadamard", kernel_size)
         dims = [dim // 2**i for i in reversed(range(order))]
         self.proj_p = nn.Conv2d(dim, dims[0], 1)
         self.proj_q = nn.ModuleList(nn.Conv2d(dim, d, 1) for d in dims)
