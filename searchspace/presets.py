@@ -1,9 +1,9 @@
-"""Published hand-designed models as points of the space (``preset(name) -> Arch``).
+"""Published hand-designed models (``preset(name) -> Arch``), eight of them points of the default space.
 
 Each preset cites where its configuration comes from. Those that timm ships are checked parameter for parameter
 against timm's model in the tests (``timm_name``); the others against the count their paper or code reports
-(``published_params``, in millions). Presets are ordinary architectures: the search evaluates the ones that fit the
-latency budget as baselines beside its own candidates.
+(``published_params``, in millions). Presets are ordinary architectures: those that are points of the search space
+(``space.params_of(preset(name))``) are a search's first trials, the others are evaluated beside it the same way.
 """
 
 from __future__ import annotations
