@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import blocks, layers, mixers
+from ._io import atomic_write_text
 from .errors import InvalidArchError, MixerNASError, UnknownNameError
 
 Json = Any
@@ -297,8 +298,6 @@ class Arch:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        from ._io import atomic_write_text
-
         atomic_write_text(Path(path), self.to_json() + "\n")
 
     @classmethod

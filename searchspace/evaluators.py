@@ -62,7 +62,9 @@ from .errors import (
     TrainingDiverged,  # noqa: F401  (raised by the training loop; importable from here as before)
     UnknownNameError,
 )
-from .latency.measure import num_threads
+from .latency.counting import count_params
+from .latency.measure import num_threads, resolve_device
+from .layers import ACTIVATIONS
 from .model import build_model
 from .training import Schedule, batches, cross_entropy, seeded, train, validate
 
@@ -213,10 +215,7 @@ class TrainEvaluator(Evaluator):
                           seconds=time.perf_counter() - start, params=params, pruned=pruned)
 
 
-def _device(device: str | torch.device) -> torch.device:
-    from .latency.measure import resolve_device
-
-    return resolve_device(device)
+_device = resolve_device  # "cpu", "cuda", "cuda:N" or "auto" -> torch.device; an unknown one is MixerNASError
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -238,8 +237,6 @@ def _check_number(name: str, value: Any, positive: bool = False) -> None:
 
 def param_count(model: nn.Module) -> int:
     """Number of parameters: the baseline every proxy must beat (ZiCo shows it is a strong one)."""
-    from .latency.counting import count_params
-
     return count_params(model)
 
 
@@ -277,8 +274,6 @@ def naswot(model: nn.Module, batch: torch.Tensor) -> float:
     ``N_A - Hamming distance``. The model runs in train mode (as in the paper) on a copy, without gradients.
     A larger log-determinant means the network tells the images of the batch apart more distinctly at init.
     """
-    from .layers import ACTIVATIONS
-
     kinds = tuple({ACTIVATIONS.get(name) for name in ACTIVATIONS.names()} - {nn.Identity})
     kinds = tuple(k for k in kinds if isinstance(k, type))
     net = copy.deepcopy(model).train()

@@ -19,6 +19,7 @@ from ..arch import Arch
 from ..evaluators import TrialPruned
 from ..latency import InputSpec, clock_for, count_params_macs, measure_latency
 from ..latency.measure import RunOptions
+from ..model import build_model
 
 # A candidate predicted this much over the budget is screened out unmeasured. The table's error is a few percent;
 # the margin keeps borderline candidates, which are then judged on measured latency.
@@ -136,6 +137,4 @@ class CandidateRunner:
 
 
 def arch_model(arch: Arch, data) -> torch.nn.Module:
-    from ..model import build_model
-
     return build_model(arch, num_classes=data.num_classes, in_chans=data.in_chans)

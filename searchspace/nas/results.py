@@ -28,6 +28,8 @@ import torch
 from .._io import atomic_write_bytes, atomic_write_text
 from ..arch import Arch
 from ..errors import MixerNASError
+from ..latency import device_name
+from ..model import build_model
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -46,8 +48,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def environment() -> dict[str, Any]:
-    from ..latency import device_name
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -77,8 +77,6 @@ def load_model(folder: str | Path, map_location: str = "cpu") -> torch.nn.Module
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
-
-    from ..model import build_model
 
     folder = Path(folder)
     if (folder / "best" / "arch.json").exists():
