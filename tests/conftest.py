@@ -17,6 +17,7 @@ import importlib.util
 import os
 
 import pytest
+import torch
 
 from searchspace.latency.cache import CACHE_ENV
 
@@ -49,3 +50,12 @@ def postgres_url(tmp_path_factory):
         pytest.skip(str(exc))
     with postgres_server(tmp_path_factory.mktemp("postgres"), bindir=bindir) as url:
         yield url
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch computes on one thread during the test (steadier on a small shared CPU), then gets its setting back."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -30,15 +30,7 @@ from compress.steps.tokens import apply_token_pruning
 from compress.tokens import TokenPruning
 from searchspace.errors import MixerNASError
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 # ------------------------------------------------------------------------------------- the built-in families

@@ -28,15 +28,7 @@ from compress.tokens import KeepSchedule, TokenPruning, bipartite_matching, keep
 from searchspace import Arch, Blocks, Stage
 from searchspace.latency import InputSpec
 
-pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.usefixtures("one_torch_thread")]
 
 
 def n_params(model: nn.Module) -> int:
