@@ -903,7 +903,7 @@ def test_cpu_measurements_run_without_page_fault_churn(monkeypatch):
         torch.set_num_threads(1)  # as measurements run, whatever an earlier test left
         faults = []
         with torch.inference_mode():
-            for _ in range(10):
+            for _ in range(20):
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 big(x)
                 faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -912,8 +912,10 @@ def test_cpu_measurements_run_without_page_fault_churn(monkeypatch):
         measure_module.steady_allocator.cache_clear()
     # Churn faults on every pass (~24,000 4-KiB pages: three fresh 32 MiB buffers). A steady heap faults only while
     # it grows to its peak, over the first passes: 24,576 + 24,576 + 8,192 pages at one thread, and how many passes
-    # that takes depends on the thread count and on what the process allocated before. After that, none.
-    assert max(faults[5:]) < 1000, f"page faults per pass: {faults}"
+    # that takes depends on the thread count and on what the process allocated before. After that, none, though the
+    # counter is the whole process's: another thread (a Ray client, a test run before) may fault a pass now and then.
+    quiet = [f < 1000 for f in faults[5:]]
+    assert sum(quiet) >= 12, f"page faults per pass: {faults}"
 
 
 def test_steady_allocator_can_be_turned_off(monkeypatch):
