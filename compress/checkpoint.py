@@ -45,7 +45,7 @@ from torch import nn
 from searchspace.errors import MixerNASError, first_line
 
 from . import saving
-from .adapters.base import first_conv_in
+from .adapters.base import first_conv_in, native_input_size
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 SAFE_GLOBALS = [argparse.Namespace]  # timm's train.py saves its args; constructing one runs no file-chosen code
@@ -337,15 +337,6 @@ def grid_input_size(state: Mapping[str, torch.Tensor]) -> int | None:
         if n > 0 and side * side == n:
             return side * int(patch.shape[-1])
     return None
-
-
-def native_input_size(model: nn.Module) -> int | None:
-    """The image side a model is built for: a fixed grid's (ViT), else its timm configuration's, else None."""
-    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if img_size:
-        return int(img_size[-1] if isinstance(img_size, (tuple, list)) else img_size)
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    return int(size[-1]) if size else None
 
 
 def _timm(name: str, num_classes: int | None, in_chans: int | None, input_size: int | None) -> nn.Module:

@@ -100,6 +100,27 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assert "holds a different search" in err and "budget_ms" in err
 
 
+def test_resume_after_the_space_changed_is_refused(tmp_path, capsys):
+    # A space of the same name whose choices changed (a new MixerNAS version, an edited user space): the old trials
+    # are not points of it, and Optuna would fail every new trial whose choices differ from the stored ones.
+    out = tmp_path / "run"
+    args = ["--latency-budget", "50ms", "--out", str(out), "--baselines", "none", *FAST]
+    assert search.main(["--trials", "1", *args]) == 0
+    original = searchspace.get_space("tiny")
+    changed = searchspace.ChoiceSpace([searchspace.StageChoices(("pooling", "sepconv"), depths=(1,), widths=(48,),
+                                                                mlp_ratios=(2.0,))] * 4)
+    searchspace.register_space("tiny", changed, overwrite=True)
+    try:
+        assert search.main(["--trials", "2", *args]) == 2
+    finally:
+        searchspace.register_space("tiny", original, overwrite=True)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "was made with another version of space 'tiny'" in err and "--out NEW_FOLDER" in err
+    assert len(read_trials(out)) == 1  # nothing run, nothing lost
+    assert search.main(["--trials", "2", *args]) == 0  # the space as it was: the search resumes
+    assert len(read_trials(out)) == 2
+
+
 def test_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, monkeypatch):
     original = engine_module.CandidateRunner.run
     calls = []

@@ -46,7 +46,7 @@ from torch import nn
 from searchspace.errors import MixerNASError
 from searchspace.registry import Registry
 
-from .base import AdapterError, AttentionRun, Half, HeadLayout, ModelAdapter, Source
+from .base import AdapterError, AttentionRun, Half, HeadLayout, ModelAdapter, Source, first_conv_in, native_input_size
 from .mixernas import MixerNASAdapter
 from .timm_generic import TimmAdapter
 from .timm_metaformer import TimmMetaFormerAdapter
@@ -158,9 +158,11 @@ __all__ = [
     "adapter_for",
     "adapter_for_source",
     "find_adapter",
+    "first_conv_in",
     "get_adapter",
     "head_layout",
     "list_adapters",
+    "native_input_size",
     "register_adapter",
     "split_block",
     "sync_pruned",

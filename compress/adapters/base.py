@@ -140,6 +140,15 @@ class ModelAdapter:
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+def native_input_size(model: nn.Module) -> int | None:
+    """The image side a model is built for: a fixed grid's (ViT), else its timm configuration's, else None."""
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size:
+        return int(img_size[-1] if isinstance(img_size, (tuple, list)) else img_size)
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    return int(size[-1]) if size else None
+
+
 def first_conv_in(model: nn.Module) -> int | None:
     """Input channels of the first convolution (the stem's), or None."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)

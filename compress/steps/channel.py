@@ -389,12 +389,8 @@ def example_input(ctx: StepContext) -> torch.Tensor:
     elif ctx.data is not None:
         shape = (1, *ctx.data.input_shape)
     else:
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        size = tuple(cfg.get("input_size", (getattr(model, "in_chans", 3), 224, 224)))
-        img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-        if img_size:
-            size = (size[0], *img_size)
-        shape = (1, *size)
+        side = adapters.native_input_size(model) or 224
+        shape = (1, adapters.first_conv_in(model) or 3, side, side)
     device = next(model.parameters()).device
     return torch.randn(shape, device=device)
 

@@ -55,6 +55,7 @@ class Backend:
             self.echo(f"{released} trial(s) of stopped workers are queued to run again")
         tally = self.study.tally()
         if tally.counted:
+            self.study.check_space(self.space)
             self.echo(f"resuming study {self.config.name!r}: {tally.counted} of {self.config.trials} trials "
                       f"finished" + (f", {tally.running} running on other workers" if tally.running else ""))
         if tally.startable and self.queue_presets:
