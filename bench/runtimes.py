@@ -53,6 +53,7 @@ def table_check(runtime: str, spec: InputSpec, archs, seed: int):
     cache = tempfile.mkdtemp(prefix=f"mixernas-rt-{runtime}-")
     table = LatencyTable.open("cpu", spec, threads=1, cache_dir=cache, num_classes=10, runtime=runtime)
     table.ensure_calibrated(searchspace.get_space("default"), seed=seed)
+    table.ensure(archs)  # their missing parts in full batches, not a few at a time beside the yardsticks
     predicted = [table.predict(a).total_ms for a in archs]
     measured = [r.value_ms for r in measure_many(archs, spec, threads=1, runtime=runtime,
                                                   timer=clock_for("cpu", 1, runtime=runtime),
