@@ -9,10 +9,11 @@ workers:
   minus the trials that counted (target 0).
 * **protocol**: the same number of processes running the search's trial protocol (claim, sample, check for
   duplicates, record, the tally after each trial, Optuna's ask/tell and heartbeat) with a candidate that costs
-  nothing and a random sampler. Every call on the storage object is timed: milliseconds of storage calls per trial
-  (target at most 10 ms), beside the same figure for Optuna alone (ask, the space's suggestions, tell and the
-  heartbeat, with no attribute of ours), which no protocol on this storage can go below. The study reads of
-  Optuna's cache layer are not calls on the storage object and are not in the figure.
+  nothing and a random sampler. Every call on the storage object is timed, the private methods through which
+  Optuna's cache layer writes parameters and reads trials included (outermost calls only): milliseconds of storage
+  calls per trial (target at most 10 ms) and SQL statements per trial, beside the same figures for Optuna alone
+  (ask, the space's suggestions, tell and the heartbeat, with no attribute of ours), which no protocol on this
+  storage can go below.
 
     python bench/workers.py                       # 1, 2 and 4 workers, 16 search trials, 200 protocol trials
     python bench/workers.py --workers 1,2 --trials 8
@@ -37,22 +38,36 @@ OVERHEAD_TARGET_MS = 10.0
 
 
 def _timed(storage, stats: dict[str, list[float]]):
-    """Time every public call on ``storage`` (its own methods: each is a round trip to the database)."""
+    """Time every method of ``storage``, Optuna's private ones included (its cache layer writes parameters and
+    reads trials through them), counting only the outermost call of each thread, so nothing is counted twice; and
+    count the SQL statements it sends (``stats["sql statements"]``)."""
+    import threading
+
+    import sqlalchemy
+
+    depth = threading.local()
     for name in dir(type(storage)):
         method = getattr(storage, name)
-        if name.startswith("_") or not callable(method):
+        if name.startswith("__") or not callable(method):
             continue
 
         def timed(*args, _method=method, _name=name, **kwargs):
+            outer = not getattr(depth, "n", 0)
+            depth.n = getattr(depth, "n", 0) + 1
             started = time.perf_counter()
             try:
                 return _method(*args, **kwargs)
             finally:
-                entry = stats.setdefault(_name, [0, 0.0])
-                entry[0] += 1
-                entry[1] += time.perf_counter() - started
+                depth.n -= 1
+                if outer:
+                    entry = stats.setdefault(_name, [0, 0.0])
+                    entry[0] += 1
+                    entry[1] += time.perf_counter() - started
 
         setattr(storage, name, timed)
+    statements = stats.setdefault("sql statements", [0, 0.0])
+    sqlalchemy.event.listen(storage.engine, "before_cursor_execute",
+                            lambda *a, **k: statements.__setitem__(0, statements[0] + 1))
     return storage
 
 
@@ -92,13 +107,17 @@ def _protocol_worker(url: str, study: str, trials: int, out: str, plain: bool) -
     Path(out + ".json").write_text(json.dumps(stats))
 
 
-def _storage_ms(outs: list[str], trials: int) -> tuple[float, dict[str, float]]:
-    """Milliseconds of storage calls per trial, over the workers; and the same per method."""
+def _storage_ms(outs: list[str], trials: int) -> tuple[float, dict[str, float], float]:
+    """Milliseconds of storage calls per trial, over the workers; the same per method; SQL statements per trial."""
     total: dict[str, float] = {}
+    statements = 0
     for out in outs:
-        for name, (_, seconds) in json.loads(Path(out + ".json").read_text()).items():
-            total[name] = total.get(name, 0.0) + 1000 * seconds / trials
-    return sum(total.values()), total
+        for name, (calls, seconds) in json.loads(Path(out + ".json").read_text()).items():
+            if name == "sql statements":
+                statements += calls
+            else:
+                total[name] = total.get(name, 0.0) + 1000 * seconds / trials
+    return sum(total.values()), total, statements / trials
 
 
 def _study_figures(url: str, name: str, total: int) -> dict[str, float]:
@@ -157,7 +176,7 @@ def main(argv=None) -> int:
         base = f"{tmp}/plain"
         _wait_all([_start([sys.executable, __file__, "--protocol-worker", url, "plain", str(args.protocol_trials),
                            base, "plain"], Path(base + ".log"))], [Path(base + ".log")], "protocol")
-        plain_ms = _storage_ms([base], args.protocol_trials)[0]
+        plain_ms, _, plain_sql = _storage_ms([base], args.protocol_trials)
         summary["optuna_alone_storage_ms"] = round(plain_ms, 2)
         for n in counts:
             name = f"search-{n}"
@@ -184,11 +203,12 @@ def main(argv=None) -> int:
                              out, "search"], log) for out, log in zip(outs, logs)]
             _wait_all(procs, logs, "protocol")
             p = _study_figures(url, proto, args.protocol_trials)
-            storage_ms, by_call = _storage_ms(outs, p["counted"])
+            storage_ms, by_call, sql = _storage_ms(outs, p["counted"])
             top = ", ".join(f"{k} {v:.1f}" for k, v in sorted(by_call.items(), key=lambda kv: -kv[1])[:4])
             print(f"{n} worker(s), protocol: {p['counted']:.0f} trials in {p['span_s']:.1f} s; storage calls "
-                  f"{storage_ms:.1f} ms per trial (target <= {OVERHEAD_TARGET_MS:.0f} ms; {top}), Optuna alone "
-                  f"{plain_ms:.1f} ms; repeated {p['repeated']:.0f}, lost {p['lost']:.0f}", flush=True)
+                  f"{storage_ms:.1f} ms and {sql:.0f} SQL statements per trial (target <= {OVERHEAD_TARGET_MS:.0f} "
+                  f"ms; {top}), Optuna alone {plain_ms:.1f} ms and {plain_sql:.0f} statements; repeated "
+                  f"{p['repeated']:.0f}, lost {p['lost']:.0f}", flush=True)
             summary.update({f"w{n}_trials_per_min": round(rate, 2), f"w{n}_storage_ms": round(storage_ms, 2),
                             f"w{n}_repeated": f["repeated"] + p["repeated"], f"w{n}_lost": f["lost"] + p["lost"]})
     worst = max(summary[f"w{n}_storage_ms"] for n in counts)
