@@ -28,8 +28,11 @@ import json
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import sqlalchemy
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -41,10 +44,6 @@ def _timed(storage, stats: dict[str, list[float]]):
     """Time every method of ``storage``, Optuna's private ones included (its cache layer writes parameters and
     reads trials through them), counting only the outermost call of each thread, so nothing is counted twice; and
     count the SQL statements it sends (``stats["sql statements"]``)."""
-    import threading
-
-    import sqlalchemy
-
     depth = threading.local()
     for name in dir(type(storage)):
         method = getattr(storage, name)

@@ -373,15 +373,17 @@ class SearchStudy:
         """Refuse to resume a study whose finished trials are not points of ``space``: the space of that name was
         changed since the study began (another version of MixerNAS, or an edited user space), and its trials and
         the new ones would not be comparable (Optuna itself fails every new trial whose choices differ)."""
-        for t in self.trials((TrialState.COMPLETE, TrialState.PRUNED)):
-            try:
-                space.sample(t.params)
-            except MixerNASError as exc:
-                raise MixerNASError(
-                    f"study {self.config.name!r} was made with another version of space {self.config.space!r} "
-                    f"(trial {t.number}: {exc}); pass --out NEW_FOLDER (or another --study-name) to start a new "
-                    f"search") from None
-            return  # one finished trial is enough: every trial of a study was drawn from the same space
+        # one finished trial is enough: every trial of a study was drawn from the same space
+        t = next(iter(self.trials((TrialState.COMPLETE, TrialState.PRUNED))), None)
+        if t is None:
+            return
+        try:
+            space.sample(t.params)
+        except MixerNASError as exc:
+            raise MixerNASError(
+                f"study {self.config.name!r} was made with another version of space {self.config.space!r} "
+                f"(trial {t.number}: {exc}); pass --out NEW_FOLDER (or another --study-name) to start a new "
+                f"search") from None
 
     def enqueue_presets(self, space) -> list[str]:
         """Queue the presets the search is compared with (``config.baselines``; None = all) that are points of
