@@ -169,7 +169,7 @@ class TrainEvaluator(Evaluator):
             raise MixerNASError(f"label_smoothing must be a number in [0, 1), got {self.label_smoothing!r}")
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, positive=True)
-        _device(self.device)  # an unknown device is reported at construction
+        resolve_device(self.device)  # an unknown device is reported at construction
 
     def evaluate(self, arch: ArchLike, data: DataBundle, report: Report | None = None) -> EvalResult:
         """Train ``arch`` on ``data.train``; the score is its accuracy on ``data.val`` after the last epoch.
@@ -183,7 +183,7 @@ class TrainEvaluator(Evaluator):
     def train(self, arch: ArchLike, data: DataBundle, report: Report | None = None) -> tuple[nn.Module, EvalResult]:
         """Like :meth:`evaluate`, and also returns the trained model (in eval mode) to save or train further."""
         start = time.perf_counter()
-        device = _device(self.device)
+        device = resolve_device(self.device)
         schedule = Schedule(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
                             batch_size=self.batch_size, warmup=self.warmup_epochs / self.epochs,
                             grad_clip=self.grad_clip, augment=self.augment, seed=self.seed)
@@ -213,9 +213,6 @@ class TrainEvaluator(Evaluator):
                           accuracies=tuple(accuracies), train_losses=tuple(losses), val_losses=tuple(val_losses),
                           epochs=len(accuracies),
                           seconds=time.perf_counter() - start, params=params, pruned=pruned)
-
-
-_device = resolve_device  # "cpu", "cuda", "cuda:N" or "auto" -> torch.device; an unknown one is MixerNASError
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -348,12 +345,12 @@ class ZeroCostEvaluator(Evaluator):
         _check_int("seed", self.seed, 0)
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
-        _device(self.device)
+        resolve_device(self.device)
 
     def evaluate(self, arch: ArchLike, data: DataBundle, report: Report | None = None) -> EvalResult:
         """The proxy's score of ``arch`` at initialisation; ``report`` is accepted for symmetry and never called."""
         start = time.perf_counter()
-        device = _device(self.device)
+        device = resolve_device(self.device)
         with num_threads(self.threads), seeded(self.seed, device):
             model = build_model(arch, num_classes=data.num_classes, in_chans=data.in_chans).to(device)
             params = param_count(model)
