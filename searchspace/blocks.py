@@ -199,8 +199,8 @@ def _conv_size(conv: nn.Conv2d, height: int, width: int, pad_to_stride: bool = F
 
 
 # factory(in_chans, width, arch) -> module reducing the resolution by 4. A stem or downsampling layer may say what
-# size it outputs (``output_size(height, width)``); the latency table asks it, and runs it on the meta device when
-# it does not.
+# size it outputs (``output_size(height, width)``); ``model.stage_resolutions`` asks it, and runs it on the meta
+# device when it does not.
 STEMS.add("conv7_s4", lambda cin, cout, arch: ConvNorm(cin, cout, 7, 4, 2, arch.embed_norm, arch.norm_eps, False))
 STEMS.add("conv7_s4_p3", lambda cin, cout, arch: ConvNorm(cin, cout, 7, 4, 3, arch.embed_norm, arch.norm_eps, False))
 STEMS.add("patch4", lambda cin, cout, arch: ConvNorm(cin, cout, 4, 4, 0, arch.embed_norm, arch.norm_eps, False,

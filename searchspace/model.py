@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -10,13 +11,13 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .arch import Arch
+from .arch import Arch, Stage
 from .blocks import BLOCKS, DOWNSAMPLES, HEADS, STEMS
 from .errors import MixerNASError
 from .layers import make_norm
 from .presets import resolve_arch
 
-__all__ = ["MetaFormerNet", "MetaFormerStage", "build_model", "resolve_arch"]
+__all__ = ["MetaFormerNet", "MetaFormerStage", "build_model", "resolve_arch", "stage_resolutions"]
 
 
 class MetaFormerStage(nn.Module):
@@ -61,6 +62,7 @@ class MetaFormerNet(nn.Module):
         rates = torch.linspace(0, drop_path, total).tolist() if total > 1 else [0.0] * total
         stages, k, prev = [], 0, arch.stages[0].width
         self.feature_info = []
+        reductions = [_PROBE // h for h, _ in stage_resolutions(arch, _PROBE, _PROBE)]
         for i, stage in enumerate(arch.stages):
             down = nn.Identity() if i == 0 else DOWNSAMPLES.get(arch.downsample)(prev, stage.width, arch)
             blocks = []
@@ -71,7 +73,7 @@ class MetaFormerNet(nn.Module):
                     k += 1
             stages.append(MetaFormerStage(down, blocks))
             prev = stage.width
-            self.feature_info.append(dict(num_chs=stage.width, reduction=2 ** (i + 2), module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=stage.width, reduction=reductions[i], module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
         self.head_norm = make_norm(arch.head_norm, self.num_features, arch.norm_eps)
         self.head = self._make_head(num_classes)
@@ -192,6 +194,49 @@ class MetaFormerNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------------------ geometry
+
+_PROBE = 4096  # the input side at which each stage's reduction (timm's feature_info) is read off its resolution
+
+
+def stage_resolutions(arch: Arch, height: int, width: int) -> tuple[tuple[int, int], ...]:
+    """``(H, W)`` of every stage's blocks for an input of ``height x width``, as the stem and downsampling layers
+    compute it: each layer's own ``output_size`` where it has one, else its forward run on the meta device (a
+    user's layer, say). The one place the model's geometry is read (feature_info, timm's pool size, the latency
+    table's parts).
+
+    >>> stage_resolutions(resolve_arch("PoolFormerV2-S12"), 65, 63)
+    ((16, 16), (8, 8), (4, 4), (2, 2))
+    """
+    hw = _output_size(STEMS.get(arch.stem), height, width)
+    out = [hw]
+    for _ in arch.stages[1:]:
+        hw = _output_size(DOWNSAMPLES.get(arch.downsample), *hw)
+        out.append(hw)
+    if min(min(r) for r in out) < 1:
+        raise MixerNASError(f"input {height}x{width} is too small for this architecture: stage resolutions "
+                               f"{out}; use a larger --input-size or fewer stages")
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _output_size(factory: Any, height: int, width: int) -> tuple[int, int]:
+    layer = _probe_layer(factory)
+    if hasattr(layer, "output_size"):
+        return tuple(layer.output_size(height, width))
+    with torch.device("meta"), torch.inference_mode():
+        out = layer(torch.empty(1, 8, height, width))
+    return int(out.shape[-2]), int(out.shape[-1])
+
+
+@functools.lru_cache(maxsize=64)
+def _probe_layer(factory: Any) -> nn.Module:
+    """A stem or downsampling layer from ``factory`` on the meta device (no memory, no compute), to ask its
+    geometry. Keyed by the factory, not its name, so a layer registered again under a name is asked anew."""
+    with torch.device("meta"), torch.inference_mode():  # the same tensors whether or not the caller is in it
+        return factory(8, 8, Arch(stages=(Stage(mixer="identity", depth=1, width=8),)))
 
 
 def _check_num_classes(num_classes: int) -> None:

@@ -32,7 +32,7 @@ from torch import nn
 from .arch import Arch
 from .blocks import HEADS, STEMS
 from .errors import MixerNASError
-from .model import MetaFormerNet, check_global_pool
+from .model import MetaFormerNet, check_global_pool, stage_resolutions
 from .presets import on_preset_registered, preset, resolve_arch
 
 default_cfgs: dict[str, dict[str, Any]] = {}
@@ -64,9 +64,8 @@ def _arch_cfg(arch: Arch) -> dict[str, Any]:
                       None)
     names = getattr(HEADS.get(arch.head), "classifier_names", ())
     classifier = tuple(f"head.{n}" for n in names) or ("head",)
-    side = 224 // 2 ** (len(arch.stages) + 1)  # the stem reduces by 4, each later stage by 2
     return dict(first_conv=first_conv, classifier=classifier[0] if len(classifier) == 1 else classifier,
-                pool_size=(side, side))
+                pool_size=stage_resolutions(arch, 224, 224)[-1])
 
 
 class _TimmMetaFormer(MetaFormerNet):

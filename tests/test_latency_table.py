@@ -33,10 +33,11 @@ from searchspace.latency.parts import (
     HeadPart,
     StemPart,
     arch_parts,
+    follow_layouts,
+    output_channels_last,
     part_from_dict,
     part_to_dict,
     space_parts,
-    stage_resolutions,
 )
 from searchspace.latency.predictor import (
     FORMS,
@@ -54,6 +55,7 @@ from searchspace.latency.predictor import (
 from searchspace.latency.reference import Anchor, Reference
 from searchspace.latency.storage import TABLE_FORMAT, Observation, table_key
 from searchspace.latency.table import LatencyTable, PartProtocol, level_scale, sample_archs
+from searchspace.model import stage_resolutions
 from searchspace.space import SPACES, ChoiceSpace, StageChoices, register_space
 
 SPEC = InputSpec(height=32, width=32)
@@ -897,7 +899,7 @@ def test_a_stem_registered_again_under_its_name_gives_its_own_geometry():
 
 
 def test_an_input_too_small_for_the_architecture_is_refused():
-    with pytest.raises(MeasurementError, match="too small"):
+    with pytest.raises(MixerNASError, match="too small"):
         stage_resolutions(_arch("conv7_s4", "norm_conv3"), 2, 2)
 
 
@@ -914,6 +916,67 @@ def test_parts_carry_the_input_each_one_sees():
     assert [b.res_scale for b in blocks] == [False] * 4 + [True] * 8
     assert len(set(blocks)) == 4  # blocks of a stage share one entry
     assert [u.label for u in uses][:4] == ["stem", "s1.b0", "s1.b1", "s2.down"] and uses[-1].label == "head"
+
+
+def _channels_last(x):
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("channels,size", [(1, 32), (3, 64)])
+def test_parts_meet_the_memory_format_the_model_hands_them(tmp_path, channels, size):
+    # with one input channel the stem answers channels-last, and LayerNorms over channels leave it so; a part timed
+    # on a contiguous input instead took another kernel path (GroupNorm blocks: twice the time)
+    table = open_table(tmp_path, spec=InputSpec(channels=channels, height=size, width=size), num_classes=10)
+    archs = [searchspace.resolve_arch(p) for p in ("PoolFormerV2-S12", "EfficientMod-xxs", "CAS-ViT-XS",
+                                                   "ConViT-style-S12")]
+    archs += sample_archs(searchspace.get_space("default"), 4, seed=3)
+    layouts = set()
+    for arch in archs:
+        model = searchspace.build_model(arch, num_classes=10, in_chans=channels).eval()
+        seen = []
+        for name, module in model.named_modules():
+            if (name.count(".") == 3 and ".blocks." in name) or (name.endswith("downsample")
+                                                                 and name != "stages.0.downsample"):
+                module.register_forward_pre_hook(lambda m, inp, seen=seen: seen.append(_channels_last(inp[0])))
+        with torch.inference_mode():
+            seen.append(_channels_last(model.forward_features(torch.randn(1, channels, size, size))))  # the head's
+        parts = [u.part for u in table.parts(arch)]
+        assert [p.channels_last for p in parts[1:]] == seen, arch
+        layouts.update(seen)
+        for part in parts[1:]:
+            spec = part.input_spec(1, "float32")
+            assert spec.channels_last == part.channels_last and _channels_last(spec.example()) == part.channels_last
+    assert layouts == {True, False} if channels == 3 else True in layouts
+
+
+def test_parts_are_stored_apart_by_their_input_layout_and_timed_on_it(tmp_path):
+    measure = FakeMeasure()
+    seen = []
+    table = open_table(tmp_path, measure=lambda modules, specs: seen.extend(specs) or measure(modules, specs),
+                       spec=InputSpec(channels=1, height=32, width=32))
+    table.predict(searchspace.preset("PoolFormerV2-S12"))
+    stem = [s for s in seen if s.channels == 1]
+    assert len(stem) == 1 and not stem[0].channels_last  # the stem gets the user's input as it comes
+    assert any(s.channels_last for s in seen)
+    block = next(u.part for u in table.parts(searchspace.preset("PoolFormerV2-S12")) if isinstance(u.part, BlockPart))
+    assert block.channels_last and block in table
+    assert dataclasses.replace(block, channels_last=False) not in table
+
+
+def test_a_runtime_that_plans_its_own_layouts_times_parts_on_contiguous_inputs(tmp_path):
+    table = open_table(tmp_path, spec=InputSpec(channels=1, height=32, width=32), runtime="compile")
+    assert not any(u.part.channels_last for u in table.parts(searchspace.preset("PoolFormerV2-S12"))[1:])
+
+
+def test_asking_a_part_s_layout_leaves_the_random_draws_alone():
+    part = arch_parts(searchspace.preset("PoolFormerV2-S12"), 32, 32, 1)[1].part
+    output_channels_last.cache_clear()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    follow_layouts(arch_parts(searchspace.preset("PoolFormerV2-S12"), 32, 32, 1))
+    assert output_channels_last.cache_info().currsize > 0 and torch.equal(torch.rand(3), expected)
+    assert output_channels_last(part) in (True, False)
 
 
 def test_parts_round_trip_through_json():

@@ -24,6 +24,7 @@ from torchvision.models.feature_extraction import create_feature_extractor as tv
 
 import searchspace
 from searchspace import Arch, Blocks, MixerNASError, Stage
+from searchspace.blocks import STEMS
 from searchspace.presets import PRESETS
 from searchspace.timm_compat import timm_name
 
@@ -160,6 +161,21 @@ def test_pretrained_cfg_names_the_model_s_own_layers(name, model):
     assert timm.models.get_pretrained_cfg(timm_name(name)).first_conv == cfg["first_conv"]
     data = timm.data.resolve_data_config(model=model)
     assert data["input_size"] == (3, 224, 224) and data["interpolation"] == "bicubic"
+
+
+def test_feature_info_and_pool_size_follow_a_user_stem_s_own_reduction():
+    # a stride-2 stem: timm's feature consumers (FPNs, detectors) read each stage's reduction from feature_info
+    STEMS.add("test_conv3_s2", lambda cin, cout, arch: nn.Conv2d(cin, cout, 3, 2, 1))
+    try:
+        arch = Arch(stages=tuple(Stage(mixer="pooling", depth=1, width=16) for _ in range(3)), stem="test_conv3_s2")
+        model = timm.create_model("mixernas", arch=arch, num_classes=NUM_CLASSES)
+        assert [info["reduction"] for info in model.feature_info] == [2, 4, 8]
+        assert model.pretrained_cfg["pool_size"] == (28, 28)
+        with torch.no_grad():
+            feats = model.forward_intermediates(X, intermediates_only=True)
+        assert [f.shape[-1] for f in feats] == [64 // info["reduction"] for info in model.feature_info]
+    finally:
+        STEMS.remove("test_conv3_s2")
 
 
 def test_pretrained_weights_are_refused():

@@ -7,16 +7,18 @@
 * :class:`HeadPart` - pooling, head norm and classifier (kind, norm, width, classes, final feature-map size).
 
 Parts are frozen dataclasses (hashable keys, never strings), and each builds its module with the same factories
-the model uses (``searchspace.blocks``). The geometry is the layers' own: stage resolutions come from each stem's
-and downsampling layer's ``output_size`` (odd sizes included), the block options from ``blocks.resolved_options``
-and the trial parameter names from ``space.stage_param``, so nothing here restates the model.
+the model uses (``searchspace.blocks``). The geometry is the model's own: stage resolutions come from
+``model.stage_resolutions``, which asks each stem and downsampling layer (odd sizes included), the block options
+from ``blocks.resolved_options`` and the trial parameter names from ``space.stage_param``, so nothing here
+restates the model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -27,9 +29,9 @@ from ..arch import Arch, Blocks, FrozenArgs, Stage
 from ..blocks import BLOCKS, DOWNSAMPLES, HEADS, STEMS, resolved_options
 from ..errors import MixerNASError
 from ..layers import make_norm
-from ..model import MetaFormerNet
+from ..model import MetaFormerNet, stage_resolutions
 from ..space import ChoiceSpace, SearchSpace, stage_param
-from .measure import InputSpec, MeasurementError
+from .measure import DTYPES, InputSpec
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class BlockPart:
     eps: float
     height: int  # resolution of the stage
     width: int
+    channels_last: bool = False  # the memory format its input has in the model (see follow_layouts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mixer_args", FrozenArgs(self.mixer_args))
@@ -82,7 +85,7 @@ class BlockPart:
         return BLOCKS.get(self.block)(self.dim, run, _shell_arch(norm_eps=self.eps), 0, 0.0)
 
     def input_spec(self, batch: int, dtype: str) -> InputSpec:
-        return InputSpec(batch, self.dim, self.height, self.width, dtype)
+        return InputSpec(batch, self.dim, self.height, self.width, dtype, channels_last=self.channels_last)
 
 
 @dataclass(frozen=True)
@@ -97,13 +100,14 @@ class DownsamplePart:
     eps: float
     height: int  # input size (the previous stage's resolution)
     width: int
+    channels_last: bool = False
 
     def build(self) -> nn.Module:
         arch = _shell_arch(embed_norm=self.norm, norm_eps=self.eps)
         return DOWNSAMPLES.get(self.downsample)(self.in_dim, self.out_dim, arch)
 
     def input_spec(self, batch: int, dtype: str) -> InputSpec:
-        return InputSpec(batch, self.in_dim, self.height, self.width, dtype)
+        return InputSpec(batch, self.in_dim, self.height, self.width, dtype, channels_last=self.channels_last)
 
 
 @dataclass(frozen=True)
@@ -119,12 +123,13 @@ class HeadPart:
     num_classes: int
     height: int
     width: int
+    channels_last: bool = False
 
     def build(self) -> nn.Module:
         return _Head(self)
 
     def input_spec(self, batch: int, dtype: str) -> InputSpec:
-        return InputSpec(batch, self.dim, self.height, self.width, dtype)
+        return InputSpec(batch, self.dim, self.height, self.width, dtype, channels_last=self.channels_last)
 
 
 Part = StemPart | BlockPart | DownsamplePart | HeadPart
@@ -169,50 +174,6 @@ def _thaw(value: Any) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------------- resolutions
-
-
-@functools.lru_cache(maxsize=64)
-def _layer(factory: Any) -> nn.Module:
-    """A stem or downsampling layer from ``factory`` on the meta device (no memory, no compute), to ask its
-    geometry. Keyed by the factory, not its name, so a layer registered again under a name is asked anew."""
-    with torch.device("meta"):
-        return factory(8, 8, _shell_arch())
-
-
-def layer_output_size(kind: str, name: str, height: int, width: int) -> tuple[int, int]:
-    """``(H, W)`` out of the stem or downsampling layer ``name`` for a ``height x width`` input: the layer's own
-    ``output_size`` where it has one, else its forward run on the meta device (a user's layer, say)."""
-    return _output_size((STEMS if kind == "stem" else DOWNSAMPLES).get(name), height, width)
-
-
-@functools.lru_cache(maxsize=4096)
-def _output_size(factory: Any, height: int, width: int) -> tuple[int, int]:
-    layer = _layer(factory)
-    if hasattr(layer, "output_size"):
-        return tuple(layer.output_size(height, width))
-    with torch.device("meta"):
-        out = layer(torch.empty(1, 8, height, width))
-    return int(out.shape[-2]), int(out.shape[-1])
-
-
-def stage_resolutions(arch: Arch, height: int, width: int) -> tuple[tuple[int, int], ...]:
-    """``(H, W)`` of every stage's blocks for an input of ``height x width``, as the real layers compute it.
-
-    >>> stage_resolutions(searchspace.preset("PoolFormerV2-S12"), 65, 63)  # doctest: +SKIP
-    ((16, 16), (8, 8), (4, 4), (2, 2))
-    """
-    hw = layer_output_size("stem", arch.stem, height, width)
-    out = [hw]
-    for _ in arch.stages[1:]:
-        hw = layer_output_size("downsample", arch.downsample, *hw)
-        out.append(hw)
-    if min(min(r) for r in out) < 1:
-        raise MeasurementError(f"input {height}x{width} is too small for this architecture: stage resolutions "
-                               f"{out}")
-    return tuple(out)
-
-
 @dataclass(frozen=True)
 class PartUse:
     """One part of an architecture, in forward order. ``stage`` is None for the stem and the head."""
@@ -251,6 +212,45 @@ def arch_parts(arch: Arch, height: int, width: int, in_chans: int = 3, num_class
     return tuple(uses)
 
 
+# ------------------------------------------------------------------------------------------------ memory format
+
+
+def follow_layouts(uses: tuple[PartUse, ...], device: str | torch.device = "cpu", batch: int = 1,
+                   dtype: str = "float32") -> tuple[PartUse, ...]:
+    """``uses`` with each part after the stem taking its input in the memory format the part before it leaves.
+
+    Inside a model a layer hands the next one whatever strides its kernels produced: a LayerNorm over channels
+    permutes and leaves a channels-last tensor, a convolution on a channels-last input stays channels-last, and
+    with one input channel the stem's convolution already answers channels-last. The kernels that follow choose
+    their path by it (a GroupNorm block at 2x2 ran twice as fast on a channels-last input), so a part is timed on
+    the layout it meets in the model. The layout is the kernels' choice on the device, which neither the part's
+    description nor meta tensors tell, so each part is run once, eagerly, to see what it hands on
+    (:func:`output_channels_last`, cached per part).
+    """
+    out = [uses[0]]
+    for use in uses[1:]:
+        channels_last = output_channels_last(out[-1].part, str(device), batch, dtype)
+        out.append(PartUse(use.label, use.stage, dataclasses.replace(use.part, channels_last=channels_last)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=8192)
+def output_channels_last(part: Part, device: str = "cpu", batch: int = 1, dtype: str = "float32") -> bool:
+    """Whether ``part``, run eagerly on ``device`` on its own input, returns a channels-last 4-d tensor.
+
+    The part is built and run once with the random number generators forked, so asking leaves a search's seeded
+    draws as they were."""
+    dev = torch.device(device)
+    try:
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.inference_mode():
+            module = part.build().eval().to(device=dev, dtype=DTYPES[dtype])
+            y = module(part.input_spec(batch, dtype).example(dev))
+    except Exception:  # a part that cannot run here: its measurement says why, with the context
+        return False
+    return (isinstance(y, torch.Tensor) and y.dim() == 4 and not y.is_contiguous()
+            and y.is_contiguous(memory_format=torch.channels_last))
+
+
 
 # ------------------------------------------------------------------------------------------- parts of a space
 
@@ -272,15 +272,17 @@ class _Pick:
         return self.overrides.get(name, low)
 
 
-def space_parts(space: SearchSpace, height: int, width: int, in_chans: int = 3,
-                num_classes: int = 1000) -> dict[Part, None]:
+def space_parts(space: SearchSpace, height: int, width: int, in_chans: int = 3, num_classes: int = 1000,
+                follow: Callable[[tuple[PartUse, ...]], tuple[PartUse, ...]] | None = None) -> dict[Part, None]:
     """Every part a :class:`ChoiceSpace` can produce at this input size, without enumerating architectures.
 
     For each stage: every mixer (and mixer-argument combination) x width x MLP ratio x every combination of the
     space's whole-architecture choices (activation, norm, head), at the
     stage's resolution, with the downsampling from every width of the previous stage; the stem for every first
     width and the head for every last width. Each combination goes through the space's own ``define`` and
-    :func:`arch_parts`, so the parts are exactly those of the sampled architectures.
+    :func:`arch_parts` (and ``follow``, the table's :func:`follow_layouts` where it applies), so the parts are
+    those of the sampled architectures; a part whose input layout depends on an earlier stage's choice is listed
+    with the layout the first choices give it (the table measures any other when a model needs it).
     """
     if not isinstance(space, ChoiceSpace):
         raise MixerNASError(f"space {space.name!r} is define-by-run, so its parts cannot be listed; pass the "
@@ -302,7 +304,8 @@ def space_parts(space: SearchSpace, height: int, width: int, in_chans: int = 3,
                                 if prev is not None:
                                     fixed[stage_param(i - 1, "width")] = prev
                                 arch = space.define(_Pick(fixed))
-                                for use in arch_parts(arch, height, width, in_chans, num_classes):
+                                uses = arch_parts(arch, height, width, in_chans, num_classes)
+                                for use in follow(uses) if follow else uses:
                                     keep = use.stage == i or (i == 0 and use.label == "stem") or (
                                         i == len(space.stages) - 1 and use.label == "head")
                                     if keep:

@@ -23,7 +23,8 @@ from .predictor import IDENTITY, Calibration
 # Bump when the file layout or the meaning of an entry changes; older files are then ignored.
 # 6: parts timed on the thread clock are stored as measured, not corrected by the reference.
 # 7: every batch is brought to the table's level by re-timed yardstick parts; the runtime is part of the key.
-TABLE_FORMAT = 7
+# 8: blocks, downsampling layers and heads are timed on the memory format their input has in the model.
+TABLE_FORMAT = 8
 MAX_OBSERVATIONS = 400  # whole-model measurements kept for the calibration (the newest)
 
 

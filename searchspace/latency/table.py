@@ -67,6 +67,7 @@ from .parts import (
     PartUse,
     StemPart,
     arch_parts,
+    follow_layouts,
     part_to_dict,
     space_parts,
 )
@@ -329,8 +330,19 @@ class LatencyTable:
         return list(self._data.observations)
 
     def parts(self, arch: Arch) -> tuple[PartUse, ...]:
-        """The parts of ``arch`` for this table's input (forward order)."""
-        return arch_parts(arch, self.key.height, self.key.width, self.key.channels, self.num_classes)
+        """The parts of ``arch`` for this table's input (forward order), each on the memory format it meets in
+        the model where the runtime runs the model as PyTorch built it (:func:`~.parts.follow_layouts`)."""
+        uses = arch_parts(arch, self.key.height, self.key.width, self.key.channels, self.num_classes)
+        return self._follow(uses) if self._follows_layouts else uses
+
+    @property
+    def _follows_layouts(self) -> bool:
+        # eager PyTorch hands each layer the strides the previous one produced; a compiled or exported model plans
+        # its own layouts, and channels_last turns the whole model and its input channels-last anyway
+        return self.key.runtime == "eager" and not self.run_options.channels_last
+
+    def _follow(self, uses: tuple[PartUse, ...]) -> tuple[PartUse, ...]:
+        return follow_layouts(uses, resolve_device(self.device), self.key.batch, self.key.dtype)
 
     def features(self, arch: Arch, entries: Mapping[Part, float] | None = None) -> Features:
         """What the predictor sees of ``arch``: the sum of its parts' entries, their number and weights (MB), and
@@ -370,7 +382,7 @@ class LatencyTable:
         """Parts that ``archs_or_space`` can use and that the table does not hold yet."""
         if isinstance(archs_or_space, SearchSpace):
             wanted = space_parts(archs_or_space, self.key.height, self.key.width, self.key.channels,
-                                 self.num_classes)
+                                 self.num_classes, follow=self._follow if self._follows_layouts else None)
         else:
             wanted = dict.fromkeys(u.part for a in archs_or_space for u in self.parts(a))
         return [p for p in wanted if p not in self._data.entries]
