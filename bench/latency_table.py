@@ -5,8 +5,9 @@ opened and calibrated exactly as the search does it on first use (``ensure_calib
 the default space); then 30 other architectures of the default space are predicted and measured for real with
 the search's protocol (interleaved short rounds, thread clock with one thread, reference-corrected), and their
 errors printed. The same 30 are then measured a second time: how far two honest measurements of the same models
-disagree is the noise floor no predictor can beat. ``--load`` keeps the other core busy with a second process
-throughout (a user's machine is rarely idle).
+disagree is the noise floor no predictor can beat. The calibration's models are measured again beside them: how far
+the machine's level moved since the calibration (drift) is a floor for any table calibrated then. ``--load``
+keeps the other core busy with a second process throughout (a user's machine is rarely idle).
 
 Targets (issue 11), at every size, idle and loaded: MAPE <= 4%, >= 95% within +-10%, Kendall tau >= 0.95;
 noise floor <= 2%.
@@ -59,8 +60,13 @@ def run_size(size: int, args) -> dict[str, float]:
     first = measure_many(archs, spec, threads=1, timer=thread_cpu_timer, reference=table.reference())
     measure_s = time.perf_counter() - start
     measured = [r.value_ms for r in first]
-    again = [r.value_ms for r in measure_many(archs, spec, threads=1, timer=thread_cpu_timer,
-                                              reference=table.reference())]
+    # the calibration's models again beside the second pass: how far the machine's whole-model level moved since
+    # the calibration, minutes ago (a table calibrated then cannot be closer to today's measurements than that)
+    calibrated = table.observations[:args.calibration_models]
+    second = [r.value_ms for r in measure_many(archs + [o.arch for o in calibrated], spec, threads=1,
+                                               timer=thread_cpu_timer, reference=table.reference())]
+    again = second[:len(archs)]
+    drift = [(now - o.ms) / o.ms for o, now in zip(calibrated, second[len(archs):])]
     noise = statistics.fmean(abs(b - a) / a for a, b in zip(measured, again))
     repeat = accuracy(again, measured)  # the second measurement as a "prediction" of the first: the ceiling
     print(f"{'#':>3} {'measured':>10} {'+-95%':>6} {'again':>10} {'predicted':>10} {'error':>7} {'sum':>10}  "
@@ -81,6 +87,10 @@ def run_size(size: int, args) -> dict[str, float]:
           f"than +-2%; measuring them took {measure_s:.0f} s")
     print(f"ceiling:     the second measurement against the first: Kendall tau {repeat.tau:.3f}, "
           f"{repeat.within10:.0%} within +-10% (no predictor can rank better than the clock repeats itself)")
+    if drift:
+        print(f"drift:       the {len(drift)} calibration models measured again now differ from their calibration "
+              f"by {statistics.fmean(drift):+.1%} on average ({statistics.fmean(abs(d) for d in drift):.1%} "
+              f"absolute): the machine's level moved that much between the calibration and the check")
     shifts = [abs(s - 1) for s in table.level_scales[1:]]
     if shifts:
         print(f"level:       {len(shifts)} batches of parts brought to the first batch's level by the yardsticks; "
@@ -89,6 +99,7 @@ def run_size(size: int, args) -> dict[str, float]:
             f"noise_{size}": noise, f"repeat_tau_{size}": repeat.tau,
             f"plain_mape_{size}": plain.mape, f"calibrate_s_{size}": calibrate_s,
             f"level_shift_{size}": max(shifts, default=0.0),
+            f"drift_{size}": statistics.fmean(drift) if drift else 0.0,
             f"load_{size}": os.getloadavg()[0]}
 
 

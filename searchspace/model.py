@@ -210,15 +210,24 @@ def stage_resolutions(arch: Arch, height: int, width: int) -> tuple[tuple[int, i
     >>> stage_resolutions(resolve_arch("PoolFormerV2-S12"), 65, 63)
     ((16, 16), (8, 8), (4, 4), (2, 2))
     """
-    hw = _output_size(STEMS.get(arch.stem), height, width)
+    hw = _layer_size("stem", arch.stem, height, width)
     out = [hw]
     for _ in arch.stages[1:]:
-        hw = _output_size(DOWNSAMPLES.get(arch.downsample), *hw)
+        hw = _layer_size("downsampling", arch.downsample, *hw)
         out.append(hw)
     if min(min(r) for r in out) < 1:
         raise MixerNASError(f"input {height}x{width} is too small for this architecture: stage resolutions "
-                               f"{out}; use a larger --input-size or fewer stages")
+                            f"{out}; use a larger --input-size or fewer stages")
     return tuple(out)
+
+
+def _layer_size(kind: str, name: str, height: int, width: int) -> tuple[int, int]:
+    try:
+        return _output_size((STEMS if kind == "stem" else DOWNSAMPLES).get(name), height, width)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError) as e:
+        raise MixerNASError(f"the {kind} layer {name!r} could not run on the meta device to tell its output size "
+                            f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); give it an "
+                            f"output_size(height, width) method") from None
 
 
 @functools.lru_cache(maxsize=4096)

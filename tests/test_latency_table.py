@@ -860,6 +860,26 @@ def test_a_user_registered_stem_is_probed_for_its_resolution():
         STEMS.remove("test_conv5_s4")
 
 
+class _NeedsData(torch.nn.Module):
+    """A stem whose forward reads a value, which the meta device cannot give."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(cin, cout, 4, 4)
+
+    def forward(self, x):
+        return self.conv(x) * float(x.abs().max() > 0)
+
+
+def test_a_stem_that_cannot_tell_its_size_is_refused_with_the_fix():
+    STEMS.add("test_needs_data", lambda cin, cout, arch: _NeedsData(cin, cout))
+    try:
+        with pytest.raises(MixerNASError, match="stem layer 'test_needs_data'.*output_size"):
+            searchspace.build_model(_arch("test_needs_data", "norm_conv3"))
+    finally:
+        STEMS.remove("test_needs_data")
+
+
 class _SaysItsSize(torch.nn.Module):
     """A stem that states its output size and must not be run to find it."""
 

@@ -89,7 +89,7 @@ class InputSpec:
     dtype: str = "float32"  # compute precision: "float32", "float16" or "bfloat16"
     layout: str = "nchw"
     # an nchw tensor stored channels-last (NHWC in memory), as a layer inside a model may hand it to the next one;
-    # kernels choose their path by it (a GroupNorm block at 2x2 ran twice as fast on one)
+    # kernels choose their path by it
     channels_last: bool = False
 
     def __post_init__(self) -> None:

@@ -6,6 +6,8 @@
 * :class:`DownsamplePart` - the downsampling layer in front of a stage (kind, widths in and out, its input size);
 * :class:`HeadPart` - pooling, head norm and classifier (kind, norm, width, classes, final feature-map size).
 
+All but the stem also carry the memory format their input has inside the model (:func:`follow_layouts`).
+
 Parts are frozen dataclasses (hashable keys, never strings), and each builds its module with the same factories
 the model uses (``searchspace.blocks``). The geometry is the model's own: stage resolutions come from
 ``model.stage_resolutions``, which asks each stem and downsampling layer (odd sizes included), the block options
@@ -222,9 +224,9 @@ def follow_layouts(uses: tuple[PartUse, ...], device: str | torch.device = "cpu"
     Inside a model a layer hands the next one whatever strides its kernels produced: a LayerNorm over channels
     permutes and leaves a channels-last tensor, a convolution on a channels-last input stays channels-last, and
     with one input channel the stem's convolution already answers channels-last. The kernels that follow choose
-    their path by it (a GroupNorm block at 2x2 ran twice as fast on a channels-last input), so a part is timed on
-    the layout it meets in the model. The layout is the kernels' choice on the device, which neither the part's
-    description nor meta tensors tell, so each part is run once, eagerly, to see what it hands on
+    their path by it (GroupNorm has a channels-last kernel of its own; README.md gives what it changed), so a part
+    is timed on the layout it meets in the model. The layout is the kernels' choice on the device, which neither
+    the part's description nor meta tensors tell, so each part is run once, eagerly, to see what it hands on
     (:func:`output_channels_last`, cached per part).
     """
     out = [uses[0]]
