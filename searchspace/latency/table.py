@@ -394,6 +394,9 @@ class LatencyTable:
         each batch, so an interrupted build keeps what it measured.
         """
         self.refresh()
+        if progress and isinstance(archs_or_space, SearchSpace):
+            print(f"latency table: listing the parts of space {archs_or_space.name!r} at {self.key.height}x"
+                  f"{self.key.width}", file=sys.stderr)
         todo = self.missing(archs_or_space)
         if todo:
             self._measure_and_store(todo, progress=progress)
