@@ -245,7 +245,13 @@ def _probe_layer(factory: Any) -> nn.Module:
     """A stem or downsampling layer from ``factory`` on the meta device (no memory, no compute), to ask its
     geometry. Keyed by the factory, not its name, so a layer registered again under a name is asked anew."""
     with torch.device("meta"), torch.inference_mode():  # the same tensors whether or not the caller is in it
-        return factory(8, 8, Arch(stages=(Stage(mixer="identity", depth=1, width=8),)))
+        return factory(8, 8, shell_arch())
+
+
+def shell_arch(**fields: Any) -> Arch:
+    """A one-stage ``Arch`` that only carries the global fields a layer's factory reads (norms, eps, ...): what a
+    stem, block, downsampling layer or head is built with when it is built alone."""
+    return Arch(stages=(Stage(mixer="identity", depth=1, width=8),), **fields)
 
 
 def _check_num_classes(num_classes: int) -> None:

@@ -27,11 +27,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..arch import Arch, Blocks, FrozenArgs, Stage
+from ..arch import Arch, Blocks, FrozenArgs
 from ..blocks import BLOCKS, DOWNSAMPLES, HEADS, STEMS, resolved_options
 from ..errors import MixerNASError
 from ..layers import make_norm
-from ..model import MetaFormerNet, stage_resolutions
+from ..model import MetaFormerNet, shell_arch, stage_resolutions
 from ..space import ChoiceSpace, SearchSpace, stage_param
 from .measure import DTYPES, InputSpec
 
@@ -50,7 +50,7 @@ class StemPart:
     width: int
 
     def build(self) -> nn.Module:
-        return STEMS.get(self.stem)(self.in_chans, self.dim, _shell_arch(embed_norm=self.norm, norm_eps=self.eps))
+        return STEMS.get(self.stem)(self.in_chans, self.dim, shell_arch(embed_norm=self.norm, norm_eps=self.eps))
 
     def input_spec(self, batch: int, dtype: str) -> InputSpec:
         return InputSpec(batch, self.in_chans, self.height, self.width, dtype)
@@ -84,7 +84,7 @@ class BlockPart:
         run = Blocks(mixer=self.mixer, depth=1, mlp_ratio=self.mlp_ratio, mixer_args=self.mixer_args,
                      block=self.block, norm=self.norm, act=self.act, mlp_bias=self.mlp_bias,
                      layer_scale=1.0 if self.layer_scale else None, res_scale=1.0 if self.res_scale else None)
-        return BLOCKS.get(self.block)(self.dim, run, _shell_arch(norm_eps=self.eps), 0, 0.0)
+        return BLOCKS.get(self.block)(self.dim, run, shell_arch(norm_eps=self.eps), 0, 0.0)
 
     def input_spec(self, batch: int, dtype: str) -> InputSpec:
         return InputSpec(batch, self.dim, self.height, self.width, dtype, channels_last=self.channels_last)
@@ -105,7 +105,7 @@ class DownsamplePart:
     channels_last: bool = False
 
     def build(self) -> nn.Module:
-        arch = _shell_arch(embed_norm=self.norm, norm_eps=self.eps)
+        arch = shell_arch(embed_norm=self.norm, norm_eps=self.eps)
         return DOWNSAMPLES.get(self.downsample)(self.in_dim, self.out_dim, arch)
 
     def input_spec(self, batch: int, dtype: str) -> InputSpec:
@@ -143,18 +143,13 @@ class _Head(nn.Module):
 
     def __init__(self, part: HeadPart):
         super().__init__()
-        self.arch = _shell_arch(head_norm_first=part.norm_first)
+        self.arch = shell_arch(head_norm_first=part.norm_first)
         self.head_norm = make_norm(part.norm, part.dim, part.eps)
         self.head = HEADS.get(part.head)(part.dim, part.num_classes, 0.0) if part.num_classes else nn.Identity()
         self._forward = MetaFormerNet.forward_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(self, x)
-
-
-def _shell_arch(**fields: Any) -> Arch:
-    """A one-stage ``Arch`` that only carries the global fields a part's factory reads (norms, eps, ...)."""
-    return Arch(stages=(Stage(mixer="identity", depth=1, width=8),), **fields)
 
 
 def part_to_dict(part: Part) -> dict[str, Any]:
@@ -251,7 +246,6 @@ def output_channels_last(part: Part, device: str = "cpu", batch: int = 1, dtype:
         return False
     return (isinstance(y, torch.Tensor) and y.dim() == 4 and not y.is_contiguous()
             and y.is_contiguous(memory_format=torch.channels_last))
-
 
 
 # ------------------------------------------------------------------------------------------- parts of a space

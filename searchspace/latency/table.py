@@ -332,16 +332,13 @@ class LatencyTable:
     def parts(self, arch: Arch) -> tuple[PartUse, ...]:
         """The parts of ``arch`` for this table's input (forward order), each on the memory format it meets in
         the model where the runtime runs the model as PyTorch built it (:func:`~.parts.follow_layouts`)."""
-        uses = arch_parts(arch, self.key.height, self.key.width, self.key.channels, self.num_classes)
-        return self._follow(uses) if self._follows_layouts else uses
-
-    @property
-    def _follows_layouts(self) -> bool:
-        # eager PyTorch hands each layer the strides the previous one produced; a compiled or exported model plans
-        # its own layouts, and channels_last turns the whole model and its input channels-last anyway
-        return self.key.runtime == "eager" and not self.run_options.channels_last
+        return self._follow(arch_parts(arch, self.key.height, self.key.width, self.key.channels, self.num_classes))
 
     def _follow(self, uses: tuple[PartUse, ...]) -> tuple[PartUse, ...]:
+        # eager PyTorch hands each layer the strides the previous one produced; a compiled or exported model plans
+        # its own layouts, and channels_last turns the whole model and its input channels-last anyway
+        if self.key.runtime != "eager" or self.run_options.channels_last:
+            return uses
         return follow_layouts(uses, resolve_device(self.device), self.key.batch, self.key.dtype)
 
     def features(self, arch: Arch, entries: Mapping[Part, float] | None = None) -> Features:
@@ -382,7 +379,7 @@ class LatencyTable:
         """Parts that ``archs_or_space`` can use and that the table does not hold yet."""
         if isinstance(archs_or_space, SearchSpace):
             wanted = space_parts(archs_or_space, self.key.height, self.key.width, self.key.channels,
-                                 self.num_classes, follow=self._follow if self._follows_layouts else None)
+                                 self.num_classes, follow=self._follow)
         else:
             wanted = dict.fromkeys(u.part for a in archs_or_space for u in self.parts(a))
         return [p for p in wanted if p not in self._data.entries]
