@@ -45,6 +45,7 @@ from searchspace.latency.measure import (
     clock_for,
     clock_name,
     cpu_timer,
+    reference_drift,
     reference_key,
     thread_cpu_timer,
 )
@@ -589,6 +590,13 @@ def test_the_reference_is_timed_with_the_models_and_divides_out(tagged_reference
     assert ra.anchor_ms == rb.anchor_ms == 2.5 and ra.drift == rb.drift == pytest.approx(0.5 / 2.5)
     assert REFERENCE_OPTION in ra.context.options and REFERENCE_OPTION in rb.context.options
     assert ra.converged and (ra.ci_low_ms, ra.ci_high_ms) == (5.0, 5.0)
+
+
+def test_the_reference_probe_times_the_reference_alone_against_its_anchor(tagged_reference):
+    timer = Machine({"ref": 3.0})  # the machine now runs the reference in 3 ms; its anchor says 2.5
+    assert reference_drift(tagged_ref(anchor_ms=2.5), threads=1, timer=timer) == pytest.approx(1.2)
+    [ref] = tagged_reference
+    assert set(timer.counts) == {"ref"} and {s[:3] for s in ref.seen} == {(1, True, False)}
 
 
 def test_a_machine_that_slows_half_way_gives_the_ratio_times_the_anchor(tagged_reference):

@@ -1067,6 +1067,7 @@ def test_sample_archs_draws_distinct_architectures_reproducibly():
 def test_parts_on_the_thread_clock_are_taken_as_measured_and_whole_models_are_corrected(
         tmp_path, monkeypatch, protocol, threads, parts_corrected, models_corrected):
     given = []  # (what was measured, the reference it was timed beside)
+    probes = []
 
     def fake_measure_many(models, input_spec, **kwargs):
         ref = kwargs["reference"]
@@ -1077,34 +1078,38 @@ def test_parts_on_the_thread_clock_are_taken_as_measured_and_whole_models_are_co
 
     monkeypatch.setattr(table_mod, "measure_many", fake_measure_many)
     monkeypatch.setattr(table_mod, "reference_for", lambda *a, **k: ANCHOR)
+    monkeypatch.setattr(table_mod, "reference_drift", lambda ref, **k: probes.append(ref) or 1.0)
     table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=threads,
                               cache_dir=tmp_path, num_classes=10, protocol=protocol)
     arch = distinct_tiny(1, seed=13)[0]
     table.calibrate([arch], progress=False)
     kinds = {kind: ref for kind, ref in given}
     assert set(kinds) == {"parts", "models"}
-    # parts are timed beside the reference whenever there is one (it tells the machine's state) ...
-    assert kinds["parts"] is (False if protocol.reference is False else ANCHOR)
-    # ... and divided by it only where they are corrected
+    # parts are timed among the reference's runs only where they are divided by it ...
+    assert kinds["parts"] is (ANCHOR if parts_corrected else False)
     assert {table.get(u.part) for u in table.parts(arch)} == {2.0 if parts_corrected else 1.0}
+    # ... elsewhere the reference, timed alone after the batch, only tells whether the machine was busy
+    assert probes == ([] if parts_corrected or protocol.reference is False else [ANCHOR])
     assert kinds["models"] is (ANCHOR if models_corrected else False)
     assert table.observations[0].ms == (2.0 if models_corrected else 1.0)
 
 
 def scripted_part_batches(monkeypatch, drifts):
-    """measure_many for parts answering batch after batch with the reference's drift from ``drifts`` and the
-    parts' raw time equal to it (a busy machine makes them slower); counts the attempts."""
+    """measure_many for parts answering batch after batch with the parts' time equal to the machine's drift from
+    ``drifts`` (a busy machine makes them slower), and the reference probe after each batch reading that drift;
+    counts the attempts."""
     attempts = []
 
     def fake_measure_many(models, input_spec, **kwargs):
         if isinstance(input_spec, InputSpec):  # whole models: not what this is about
             return [SimpleNamespace(value_ms=1.0, raw_ms=1.0, drift=1.0) for _ in models]
-        drift = drifts[len(attempts)]
-        attempts.append(drift)
-        return [SimpleNamespace(value_ms=1.0, raw_ms=drift, drift=drift) for _ in models]
+        assert kwargs["reference"] is False  # the reference is not run among the parts' rounds
+        attempts.append(drifts[len(attempts)])
+        return [SimpleNamespace(value_ms=attempts[-1], raw_ms=attempts[-1], drift=None) for _ in models]
 
     monkeypatch.setattr(table_mod, "measure_many", fake_measure_many)
     monkeypatch.setattr(table_mod, "reference_for", lambda *a, **k: ANCHOR)
+    monkeypatch.setattr(table_mod, "reference_drift", lambda ref, **k: attempts[-1])
     return attempts
 
 

@@ -822,6 +822,17 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
     return _reference.Reference(key, anchor, spec.channels)
 
 
+def reference_drift(reference: _reference.Reference, *, threads: int, timer: Timer | None = None,
+                    rounds: int = 4) -> float:
+    """How fast the machine runs now: the reference workload timed alone (a few short rounds) over its anchor
+    (1.0 = as when the anchor was measured, 1.3 = 30% slower). A probe taken beside work that is not corrected by
+    the reference (the latency table's parts), without running the reference among that work's rounds."""
+    spec = InputSpec(**reference.key["input"])
+    [result] = measure_many([reference.module()], spec, device="cpu", threads=threads, warmup=3, rounds=rounds,
+                            target_round_ms=10.0, tolerance=1.0, max_extra_rounds=0, timer=timer, reference=False)
+    return result.value_ms / reference.anchor.ms
+
+
 def _resolve_reference(reference: Any, dev: torch.device, spec: InputSpec, threads: int,
                        timer: Timer) -> _reference.Reference | None:
     if isinstance(reference, _reference.Reference):

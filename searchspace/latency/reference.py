@@ -15,7 +15,8 @@ whatever the machine was doing while it was taken. The anchor's own uncertainty 
 
 What it does not correct: work that keeps its data in the core's caches. The latency table's parts are small,
 and when the machine slows on the memory side the reference slows and they do not; on the thread clock they are
-taken as measured, and the reference beside them only tells whether the machine was busy (``PartProtocol``).
+taken as measured, and the reference, timed alone after each batch of them, only tells whether the machine was
+busy (``PartProtocol``).
 
 The reference is a small MetaFormer of the default space's kinds (separable conv, pooling, modulation, attention)
 at the measured input size, so it leans on the machine the way the candidates do.

@@ -54,6 +54,7 @@ from .measure import (
     clock_for,
     clock_name,
     measure_many,
+    reference_drift,
     reference_for,
     reference_key,
     resolve_device,
@@ -153,11 +154,12 @@ class PartProtocol:
     # the spread (small models, whose working set fits in L2, then come out 10% too slow), and the calibration
     # removes the average gap anyway. Measured here (64x64, 1 thread): sum error -17..-34% warm, +11..-17% flushed.
     flush_caches: bool = False
-    # Parts taken as measured (see ``reference``) are still timed beside the reference, which then only tells
-    # the machine's state: a batch whose reference ran more than ``busy_margin`` slower than in the calmest batch
-    # so far (or than its anchor) was measured while the machine was busy on the memory side, and is measured
-    # again, at most ``busy_retries`` times; the calmest attempt is kept. On the thread clock a busy machine only
-    # ever makes a part slower, and the slowdown differs from part to part, so no factor could take it out.
+    # Where parts are taken as measured (see ``reference``), the reference is timed alone right after each batch
+    # and only tells the machine's state: a batch after which it ran more than ``busy_margin`` slower than after
+    # the calmest batch so far (or than its anchor) was measured while the machine was busy on the memory side,
+    # and is measured again, at most ``busy_retries`` times; the calmest attempt is kept. On the thread clock a
+    # busy machine only ever makes a part slower, and the slowdown differs from part to part, so no factor could
+    # take it out.
     busy_margin: float = BUSY_MARGIN
     busy_retries: int = 3
     # "thread": CPU time of the measuring thread (time.thread_time), which leaves out the time other processes
@@ -171,6 +173,7 @@ class PartProtocol:
     # machine slows on the memory side (another process, a neighbour on the host) the reference slows, the part
     # does not, and the correction would move the part (README.md gives the measurement). Whole models stream
     # their weights like the reference, and the correction takes out most of the machine's drift from them.
+    # Parts that are not corrected are not timed among the reference's runs either (the probe comes after).
     reference: bool | str = "auto"
 
     def corrects_parts(self, device: torch.device, threads: int, runtime: str | None = None) -> bool:
@@ -454,25 +457,31 @@ class LatencyTable:
         p, dev = self.protocol, resolve_device(self.device)
         timer = p.timer(dev, self.key.threads, self.key.runtime)
         reference = self.reference()
+        corrected = reference is not None and p.corrects_parts(dev, self.key.threads, self.key.runtime)
 
         def attempt() -> list[Any]:
             return measure_many(modules, specs, device=self.device, threads=self.key.threads, runtime=self.key.runtime,
                                 **self.run_options.kwargs(), warmup=p.warmup,
                                 rounds=p.rounds, target_round_ms=p.target_round_ms, tolerance=p.tolerance,
-                                max_extra_rounds=p.max_extra_rounds, timer=timer, reference=reference or False)
+                                max_extra_rounds=p.max_extra_rounds, timer=timer,
+                                reference=reference if corrected else False)
 
         results = attempt()
-        if reference is None or p.corrects_parts(dev, self.key.threads, self.key.runtime):
+        if reference is None or corrected:
             return [r.value_ms for r in results]
-        # the reference as a probe of the machine's state only: the parts' own times are kept (raw_ms)
+        # The parts' own times are kept; the reference, timed alone right after the batch, tells whether the
+        # machine was busy meanwhile. Timed among the parts' rounds it would empty their caches between runs, as
+        # nothing does inside a model: the parts' sums then ranked whole models worse (README.md).
+        drift = reference_drift(reference, threads=self.key.threads, timer=timer)
         for _ in range(max(0, p.busy_retries)):
-            if results[0].drift <= (1 + p.busy_margin) * min(1.0, self._calm_drift):
+            if drift <= (1 + p.busy_margin) * min(1.0, self._calm_drift):
                 break
             again = attempt()
-            if again[0].drift < results[0].drift:
-                results = again
-        self._calm_drift = min(self._calm_drift, results[0].drift)
-        return [r.raw_ms for r in results]
+            again_drift = reference_drift(reference, threads=self.key.threads, timer=timer)
+            if again_drift < drift:
+                results, drift = again, again_drift
+        self._calm_drift = min(self._calm_drift, drift)
+        return [r.value_ms for r in results]
 
     def _measure_whole(self, archs: Sequence[Arch]) -> list[float]:
         """Whole models, interleaved, with the protocol the search measures candidates with."""
