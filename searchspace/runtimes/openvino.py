@@ -13,7 +13,8 @@ from .onnx import numpy_input
 
 
 class OpenVino(Runtime):
-    """Compiled with the latency hint, one stream and ``INFERENCE_NUM_THREADS=threads`` on the CPU; with one
+    """Compiled with the latency hint, one stream, ``INFERENCE_NUM_THREADS=threads`` and, for float32 inputs,
+    float32 arithmetic (``INFERENCE_PRECISION_HINT``) on the CPU; with one
     thread a synchronous inference computes on the calling thread, so the thread clock times it. OpenVINO's
     ``GPU`` device is an Intel GPU, not CUDA: this runtime runs on the CPU only."""
 
@@ -28,9 +29,13 @@ class OpenVino(Runtime):
     def prepare(self, model: nn.Module, example: torch.Tensor, *, device: torch.device, threads: int) -> Prepared:
         ov = self.module("openvino")
         converted = self._convert(ov, model, example)
+        config = {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1, "PERFORMANCE_HINT": "LATENCY"}
+        if example.dtype == torch.float32:
+            # on CPUs with bfloat16 units (AMX, AVX512-BF16) OpenVINO computes a float32 model in bfloat16 unless
+            # told otherwise: the latency would be of another precision than the one asked for, its outputs off
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         try:
-            compiled = ov.Core().compile_model(converted, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                                  "PERFORMANCE_HINT": "LATENCY"})
+            compiled = ov.Core().compile_model(converted, "CPU", config)
         except Exception as exc:  # noqa: BLE001 - a compile failure is the model's, reported in one line
             raise RuntimeUnavailableError(f"OpenVINO could not compile the model: {_first_line(exc)}") from exc
         request = compiled.create_infer_request()
