@@ -22,7 +22,6 @@ The last line is ``key=value`` figures: mape_chain=.. tau_chain=.. mape_stages=.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -33,9 +32,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import searchspace  # noqa: E402
+from bench.part_protocol import against_whole  # noqa: E402
 from searchspace.latency import InputSpec, device_name, measure_many  # noqa: E402
 from searchspace.latency.measure import thread_cpu_timer  # noqa: E402
-from searchspace.latency.predictor import kendall_tau  # noqa: E402
 from searchspace.latency.table import LatencyTable, sample_archs  # noqa: E402
 from searchspace.model import build_model  # noqa: E402
 
@@ -94,11 +93,9 @@ def main(argv=None) -> int:
     again = measure(models, spec)
     out = {}
     for name, sums in (("again", again), ("chain", chain), ("stages", stage), ("alone", alone)):
-        scale = statistics.median(m / s for s, m in zip(sums, whole))
-        mape = statistics.fmean(abs(s * scale - m) / m for s, m in zip(sums, whole))
-        out[f"mape_{name}"], out[f"tau_{name}"] = mape, kendall_tau(sums, whole)
-        print(f"{name:7s} x {scale:.3f}: misses the whole models by {mape:.2%} on average, Kendall tau "
-              f"{out[f'tau_{name}']:.3f}")
+        scale, mape, tau = against_whole(sums, whole)
+        out[f"mape_{name}"], out[f"tau_{name}"] = mape, tau
+        print(f"{name:7s} x {scale:.3f}: misses the whole models by {mape:.2%} on average, Kendall tau {tau:.3f}")
     print(" ".join(f"{k}={v:.4g}" for k, v in out.items())
           + f" size={args.size} archs={len(archs)} cpu={device_name('cpu').replace(' ', '_')}")
     return 0

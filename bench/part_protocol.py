@@ -39,6 +39,14 @@ from searchspace.model import build_model  # noqa: E402
 VARIANTS = ("among", "after")
 
 
+def against_whole(sums: list[float], whole: list[float]) -> tuple[float, float, float]:
+    """``sums`` as predictions of ``whole`` after one common scale (the median of whole / sum): the scale, the
+    mean absolute error and Kendall's tau of the ranking."""
+    scale = statistics.median(m / s for s, m in zip(sums, whole))
+    mape = statistics.fmean(abs(s * scale - m) / m for s, m in zip(sums, whole))
+    return scale, mape, kendall_tau(sums, whole)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archs", type=int, default=40, help="architectures of the default space (default: 40)")
@@ -72,9 +80,7 @@ def main(argv=None) -> int:
                                    reference=reference if variant == "among" else False)
             ms = {part: r.raw_ms for part, r in zip(parts, results)}
             sums = [sum(ms[u.part] for u in us) for us in uses]
-            scale = statistics.median(m / s for s, m in zip(sums, whole))
-            mape = statistics.fmean(abs(s * scale - m) / m for s, m in zip(sums, whole))
-            tau = kendall_tau(sums, whole)
+            scale, mape, tau = against_whole(sums, whole)
             figures[variant].append((mape, tau))
             print(f"repeat {repeat + 1}, reference {variant:5s} the parts' rounds: sum of parts x {scale:.3f} "
                   f"misses the whole models by {mape:.2%} on average, Kendall tau {tau:.3f}", flush=True)
