@@ -12,6 +12,7 @@ calibrated as the search does and checked on the random architectures (the laten
     python bench/runtimes.py                                    # 32 and 224, 20 archs + presets, 4 runtimes
     python bench/runtimes.py --sizes 32 --archs 8 --no-presets  # a quick look
     python bench/runtimes.py --sizes 32 --runtimes eager,onnxruntime,openvino --table
+    python bench/runtimes.py --sizes 224 --no-presets --runtimes onnxruntime --table --table-only
 
 The last line is ``key=value`` figures: ratio_<runtime>_<size>=.. tau_<runtime>_<size>=.. ... cpu=..
 """
@@ -75,6 +76,9 @@ def run_size(size: int, args) -> dict[str, float]:
           f"{device_name('cpu')}")
     results: dict[str, dict[str, float]] = {}
     for runtime in args.runtimes:
+        if args.table_only:
+            results[runtime] = {}
+            continue
         start = time.perf_counter()
         results[runtime] = measure_on(runtime, models, labels, spec)
         print(f"  {runtime}: {len(results[runtime])} of {len(models)} measured in {time.perf_counter() - start:.0f} s "
@@ -97,10 +101,17 @@ def run_size(size: int, args) -> dict[str, float]:
         if ratios:
             print(f"{runtime:>12} {len(times):>6} {statistics.median(ratios):>23.2f} {min(ratios):>6.2f} "
                   f"{max(ratios):>6.2f} {tau:>13.3f} {table:>40}")
+            slowest = max(common, key=lambda k: times[k] / eager[k])
+            if runtime != "eager":
+                print(f"{'':>12} slowest against eager: {slowest}, {times[slowest]:.2f} ms against "
+                      f"{eager[slowest]:.2f} ms")
             figures.update({f"ratio_{runtime}_{size}": statistics.median(ratios),
                             f"ratio_min_{runtime}_{size}": min(ratios), f"ratio_max_{runtime}_{size}": max(ratios),
                             f"tau_{runtime}_{size}": tau})
-        figures[f"failed_{runtime}_{size}"] = len(models) - len(times)
+        if not args.table_only:
+            figures[f"failed_{runtime}_{size}"] = len(models) - len(times)
+        elif table:
+            print(f"{runtime:>12} {table}")
     return figures
 
 
@@ -113,8 +124,12 @@ def main(argv=None) -> int:
     p.add_argument("--runtimes", default="eager,compile,onnxruntime,openvino",
                    help="comma-separated (default: eager,compile,onnxruntime,openvino)")
     p.add_argument("--table", action="store_true", help="also calibrate and check a fresh lookup table per runtime")
+    p.add_argument("--table-only", action="store_true",
+                   help="with --table: only the table check, none of the side-by-side ratios to eager")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.table_only and not args.table:
+        p.error("--table-only needs --table")
     args.runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
     for runtime in args.runtimes:
         get_runtime(runtime).check("cpu")  # a missing extra is one line now, not after the eager measurements
