@@ -313,3 +313,21 @@ def test_attention_head_pruning_keeps_heads_aligned(whole_heads):
         kept = sorted({(r % dim) // 32 for r in origins})
         assert len(kept) == 2 and all(((r % dim) // 32) == kept[(j % width) // 32] for j, r in enumerate(origins))
     assert model(torch.randn(1, 16, 3, 5)).shape == (1, 16, 3, 5)
+
+
+@pytest.mark.parametrize("name", ["random", "gpsa"])
+def test_a_traced_mixer_holds_its_size_derived_tensor_as_a_constant(name):
+    # runtimes that convert a traced model (OpenVINO) run the graph as traced: once the mixer has run at a size,
+    # as the adapters make sure, its matrix or offset table must be a constant of the trace, not regenerated
+    # (arange, hashing, softmax) on every call; a mixer traced cold still traces, computing it in the graph
+    x = torch.randn(1, 32, 6, 5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings that sizes become constants
+        for warm in (True, False):
+            mixer = create_mixer(name, 32).eval()
+            if warm:
+                mixer(x)
+            traced = torch.jit.trace(mixer, x)
+            kinds = {node.kind() for node in traced.inlined_graph.nodes()}
+            assert ("aten::arange" in kinds) is not warm, sorted(kinds)
+            torch.testing.assert_close(traced(x), mixer(x))

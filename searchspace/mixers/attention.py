@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import MixerNASError
 from . import register_mixer
-from .basic import cacheable_size
+from .basic import cached_by_size
 
 
 def head_layout(dim: int, head_dim: int = 32, num_heads: int = 0, min_head_dim: int = 0) -> tuple[int, int]:
@@ -367,15 +367,9 @@ class GPSA(nn.Module):
         return _from_tokens(self.proj(out), h, w)
 
     def _offsets(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``relative_offsets`` as a ``(3, N*N)`` matrix, cached per size outside the state dict (not when traced)."""
-        if not cacheable_size(height, width):
-            return relative_offsets(height, width, device, dtype).view(-1, 3).t().contiguous()
-        key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
-        rel = self._offset_cache.get(key)
-        if rel is None:
-            rel = relative_offsets(height, width, device, dtype).view(-1, 3).t().contiguous()
-            self._offset_cache[key] = rel
-        return rel
+        """``relative_offsets`` as a ``(3, N*N)`` matrix, cached per size outside the state dict."""
+        return cached_by_size(self._offset_cache, height, width, device, dtype,
+                              lambda h, w: relative_offsets(h, w, device, dtype).view(-1, 3).t().contiguous())
 
     def __getstate__(self):  # the cache is derived data: keep it out of pickles and deep copies
         state = self.__dict__.copy()

@@ -8,6 +8,7 @@ Vision" (PoolFormer, arXiv 2111.11418). Parameter names follow timm's ``metaform
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -33,6 +34,27 @@ def cacheable_size(height: int, width: int) -> bool:
     may be symbolic); such tensors are computed in the graph and must never enter a cache.
     """
     return type(height) is int and type(width) is int and not torch.compiler.is_compiling()
+
+
+def cached_by_size(cache: dict, height, width, device: torch.device, dtype: torch.dtype,
+                   make: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``make(height, width)``, kept in ``cache`` per size, device, dtype and inference mode where that is safe.
+
+    Under ``torch.jit.trace`` the sizes arrive as tensors. A tensor the cache already holds (the module ran once
+    at this size, as the runtimes' adapters make sure) is returned as it is, so the traced graph holds it as a
+    constant; otherwise the graph computes it from the traced sizes, as under ``torch.export``, on every call,
+    which OpenVINO, converting traced models, timed as part of each inference.
+    """
+    if torch.jit.is_tracing():
+        key = (int(height), int(width), device, dtype, torch.is_inference_mode_enabled())
+        return cache[key] if key in cache else make(height, width)
+    if not cacheable_size(height, width):
+        return make(height, width)
+    key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = make(height, width)
+    return value
 
 
 @register_mixer(
@@ -167,7 +189,7 @@ class RandomMixing(nn.Module):
     ``(seed, H, W)`` (:func:`random_mixing_matrix`), so any input size works. Matrices are cached per
     ``(H, W, device, dtype)`` outside the parameters and the state dict; nothing here is trainable.
     Under ``torch.export`` a cached matrix becomes a constant of the exported program; an uncached one is computed
-    in the graph.
+    in the graph; so under ``torch.jit.trace`` (:func:`cached_by_size`).
 
     >>> mixer = RandomMixing(64)
     >>> x = torch.randn(2, 64, 5, 3)
@@ -194,14 +216,8 @@ class RandomMixing(nn.Module):
         return self._transposed(height, width, torch.device(device or "cpu"), dtype).t()
 
     def _transposed(self, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        if not cacheable_size(height, width):
-            return random_mixing_matrix(height, width, self.seed, device).t().contiguous().to(dtype)
-        key = (height, width, device, dtype, torch.is_inference_mode_enabled())  # inference tensors: no autograd
-        matrix = self._cache.get(key)
-        if matrix is None:
-            matrix = random_mixing_matrix(height, width, self.seed, device).t().contiguous().to(dtype)
-            self._cache[key] = matrix
-        return matrix
+        return cached_by_size(self._cache, height, width, device, dtype,
+                              lambda h, w: random_mixing_matrix(h, w, self.seed, device).t().contiguous().to(dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, _, h, w = x.shape
