@@ -24,7 +24,8 @@ from .predictor import IDENTITY, Calibration
 # 6: parts timed on the thread clock are stored as measured, not corrected by the reference.
 # 7: every batch is brought to the table's level by re-timed yardstick parts; the runtime is part of the key.
 # 8: blocks, downsampling layers and heads are timed on the memory format their input has in the model.
-TABLE_FORMAT = 8
+# 9: runtimes that convert a traced model hold the random mixer's matrix and GPSA's offsets as constants.
+TABLE_FORMAT = 9
 MAX_OBSERVATIONS = 400  # whole-model measurements kept for the calibration (the newest)
 
 
