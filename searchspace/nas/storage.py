@@ -11,6 +11,7 @@ the fix, with the password masked.
 from __future__ import annotations
 
 import re
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -24,7 +25,7 @@ from ..errors import MixerNASError, first_line
 POSTGRES_INSTALL = "pip install 'mixernas[postgres]'"
 CONNECT_TIMEOUT_S = 10  # an address that drops packets fails in seconds, not after the OS's minutes-long TCP timeout
 SQLITE_LOCK_TIMEOUT_S = 60  # several local processes may share one SQLite file: wait for its lock, do not fail
-CREATE_ATTEMPTS = 3  # opens of a new database, racing other workers to create its tables
+CREATE_ATTEMPTS = 5  # opens of a new database, racing other workers to create its tables, a moment apart
 _DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mariadb": 3306}
 _PASSWORD_IN_URL = re.compile(r"(://[^:/@]*:)[^@]*@")  # for strings too malformed for SQLAlchemy to parse
 
@@ -62,6 +63,7 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
                 # that lose find them made, and open it again
                 if attempt + 1 == CREATE_ATTEMPTS or not _tables_made_meanwhile(exc):
                     raise
+                time.sleep(0.1 * (attempt + 1))  # let the winner finish stamping the schema's version
     except sqlalchemy.exc.OperationalError as exc:  # no server, refused, wrong credentials, no such database/file
         raise MixerNASError(_connect_problem(parsed, shown, exc)) from None
     except sqlalchemy.exc.DBAPIError as exc:  # e.g. a user without the right to create Optuna's tables
