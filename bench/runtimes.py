@@ -101,8 +101,8 @@ def run_size(size: int, args) -> dict[str, float]:
         if ratios:
             print(f"{runtime:>12} {len(times):>6} {statistics.median(ratios):>23.2f} {min(ratios):>6.2f} "
                   f"{max(ratios):>6.2f} {tau:>13.3f} {table:>40}")
-            slowest = max(common, key=lambda k: times[k] / eager[k])
             if runtime != "eager":
+                slowest = max(common, key=lambda k: times[k] / eager[k])
                 print(f"{'':>12} slowest against eager: {slowest}, {times[slowest]:.2f} ms against "
                       f"{eager[slowest]:.2f} ms")
             figures.update({f"ratio_{runtime}_{size}": statistics.median(ratios),

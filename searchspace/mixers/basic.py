@@ -188,8 +188,8 @@ class RandomMixing(nn.Module):
     The paper stores one fixed ``N x N`` matrix for 224x224 inputs. Here the matrix is a deterministic function of
     ``(seed, H, W)`` (:func:`random_mixing_matrix`), so any input size works. Matrices are cached per
     ``(H, W, device, dtype)`` outside the parameters and the state dict; nothing here is trainable.
-    Under ``torch.export`` a cached matrix becomes a constant of the exported program; an uncached one is computed
-    in the graph; so under ``torch.jit.trace`` (:func:`cached_by_size`).
+    Under ``torch.compile`` and ``torch.export`` the matrix is computed in the graph, cached or not; under
+    ``torch.jit.trace`` a matrix the mixer already holds for that size is a constant (:func:`cached_by_size`).
 
     >>> mixer = RandomMixing(64)
     >>> x = torch.randn(2, 64, 5, 3)
