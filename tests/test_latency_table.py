@@ -41,6 +41,8 @@ from searchspace.latency.parts import (
 )
 from searchspace.latency.predictor import (
     FORMS,
+    MEAN,
+    NEAR_BEST,
     TIE,
     Accuracy,
     Calibration,
@@ -484,8 +486,9 @@ def test_fit_recovers_the_coefficients_of_data_made_by_each_form(form):
     features = synthetic_features(16)
     measured = [Calibration(form, TRUE_COEFFICIENTS[form]).apply(f) for f in features]
     c = fit_calibration(features, measured)
-    assert c.form == form  # the simpler forms miss held out, the more complex ones do no better
-    assert c.coefficients == pytest.approx(TRUE_COEFFICIENTS[form], rel=1e-6)
+    # the simpler forms miss held out; the richer ones that contain its features predict exactly what it does
+    assert c.form == form and c.coefficients == pytest.approx(TRUE_COEFFICIENTS[form], rel=1e-6)
+    assert [c.apply(f) for f in features] == pytest.approx(measured, rel=1e-9)
     assert c.models == 16 and c.fit_mape == pytest.approx(0.0, abs=1e-9)
     assert c.holdout.models == 16 and c.holdout.mape == pytest.approx(0.0, abs=1e-9)
     assert c.holdout.within10 == 1.0 and c.holdout.tau == pytest.approx(1.0)
@@ -494,7 +497,12 @@ def test_fit_recovers_the_coefficients_of_data_made_by_each_form(form):
     for simpler in list(FORMS)[:list(FORMS).index(form)]:  # and each simpler one predicts worse held out
         if set(FORMS[simpler]) < set(FORMS[form]):
             worse = fit_calibration(features, measured, form=simpler)
-            assert worse.holdout.mape > c.holdout.mape + TIE, simpler
+            assert worse.holdout.mape > c.holdout.mape + TIE and simpler not in c.forms, simpler
+
+
+def fitted_form(calibration, form):
+    """The calibration itself if it is ``form``, else its member of that form."""
+    return calibration if calibration.form == form else calibration.members[calibration.forms.index(form)]
 
 
 NOISE = [0.01, -0.012, 0.008, -0.01, 0.011, -0.009, 0.007, -0.011]  # +-1% measurement noise, fixed
@@ -502,25 +510,50 @@ NOISE = [0.01, -0.012, 0.008, -0.01, 0.011, -0.009, 0.007, -0.011]  # +-1% measu
 
 def test_proportional_data_keeps_the_plain_scale():
     features = synthetic_features(8, seed=1)
-    exact = fit_calibration(features, [1.2 * f.sum_ms for f in features])  # every form fits: the simplest wins
-    assert exact.form == "scale" and exact.coefficients == pytest.approx((1.2,))
+    exact = fit_calibration(features, [1.2 * f.sum_ms for f in features])  # every form fits
+    assert "scale" in exact.forms and exact.scale == pytest.approx(1.2)
+    assert all(m.coefficients[1:] == pytest.approx((0.0,) * (len(m.coefficients) - 1), abs=1e-9)
+               for m in exact.members)  # the richer forms give their extra features nothing
     noisy = [1.2 * f.sum_ms * (1 + n) for f, n in zip(features, NOISE)]
-    c = fit_calibration(features, noisy)  # the other forms would only fit the noise
-    assert c.form == "scale" and c.scale == pytest.approx(1.2, abs=0.02)
-    for form in FORMS:
-        if form != "scale":
-            assert c.holdout.mape < fit_calibration(features, noisy, form=form).holdout.mape + TIE, form
+    c = fit_calibration(features, noisy)  # the other forms only fit the noise
+    assert "scale" in c.forms and c.scale == pytest.approx(1.2, abs=0.02)
+    held = {form: fit_calibration(features, noisy, form=form).holdout.mape
+            for form in FORMS if min_models(form) <= len(features)}
+    assert set(c.forms) == {form for form, e in held.items() if e <= NEAR_BEST * min(held.values()) + TIE}
+    # a mean of predictions is never further from a measurement than the furthest of them
+    assert c.holdout.mape <= max(held[form] for form in c.forms) + 1e-12
+
+
+def test_the_forms_near_the_best_held_out_are_averaged():
+    features = synthetic_features(16, seed=3)
+    truth = Calibration("per_part+weights", TRUE_COEFFICIENTS["per_part+weights"])
+    rng = random.Random(4)
+    measured = [truth.apply(f) * (1 + rng.uniform(-0.03, 0.03)) for f in features]  # +-3% noise
+    c = fit_calibration(features, measured)
+    held = {form: fit_calibration(features, measured, form=form).holdout for form in FORMS}
+    best = min(h.mape for h in held.values())
+    assert c.form == MEAN and set(c.forms) == {f for f, h in held.items() if h.mape <= NEAR_BEST * best + TIE}
+    assert "scale" not in c.forms  # 20-40% off held out: not near the best
+    for f in features[:3]:
+        assert c.apply(f) == pytest.approx(sum(m.apply(f) for m in c.members) / len(c.members))
+    # its held-out predictions are the mean of the members' own, each fitted without the model it predicts
+    assert c.holdout == accuracy(holdout_predictions(features, measured, c.forms), measured)
+    assert "the mean of" in str(c) and "held out" in str(c)
+    assert Calibration.from_dict(json.loads(json.dumps(c.to_dict()))) == c
 
 
 def test_an_offset_is_kept_only_where_it_predicts_better_held_out():
     features = [Features(s, 9, 2.0) for s in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0)]  # constant parts and weights
     measured = [(1.05 * f.sum_ms + 0.5) * (1 + n) for f, n in zip(features, NOISE)]
     c = fit_calibration(features, measured)
-    assert c.form == "offset"  # per_part and weights are the same fit here: not better, so not chosen
-    assert c.coefficients[0] == pytest.approx(1.05, abs=0.03) and c.coefficients[1] == pytest.approx(0.5, abs=0.1)
+    assert "offset" in c.forms and "scale" not in c.forms  # per_part and weights are the same fit here
+    offset = fitted_form(c, "offset")
+    assert offset.coefficients[0] == pytest.approx(1.05, abs=0.03)
+    assert offset.coefficients[1] == pytest.approx(0.5, abs=0.1)
     forced_scale = fit_calibration(features, measured, form="scale")
     assert c.holdout.mape < forced_scale.holdout.mape and c.fit_mape < forced_scale.fit_mape
-    assert "held out" in str(c) and "'offset'" in str(c)
+    assert "held out" in str(c) and "offset" in str(c)
+    assert "'offset'" in str(fit_calibration(features, measured, form="offset"))
 
 
 def test_the_fit_minimises_relative_error():
@@ -545,9 +578,9 @@ def test_a_form_is_tried_only_on_enough_models_to_judge_it_held_out(n):
     features = synthetic_features(n, seed=2)
     measured = [Calibration("full", TRUE_COEFFICIENTS["full"]).apply(f) for f in features]
     c = fit_calibration(features, measured)
-    assert min_models(c.form) <= n
+    assert all(min_models(f) <= n for f in c.forms)
     assert min_models("per_part") == 5 and min_models("per_part+weights") == 6 and min_models("full") == 16
-    assert (c.form == "full") == (n >= 16) and c.holdout.models == n
+    assert ("full" in c.forms) == (n >= 16) and c.holdout.models == n
 
 
 def test_a_form_asked_for_by_name_is_fitted_even_on_few_models():
@@ -580,6 +613,8 @@ def test_an_unknown_form_is_refused():
         Calibration.from_dict({"form": "quadratic", "coefficients": [1.0], "models": 1})
     with pytest.raises(CalibrationError, match="form"):  # a known form with the wrong number of coefficients
         Calibration.from_dict({"form": "offset", "coefficients": [1.0], "models": 1})
+    with pytest.raises(CalibrationError, match="mean"):  # an average of nothing
+        Calibration.from_dict({"form": "mean", "coefficients": [], "models": 1})
 
 
 def test_a_calibration_round_trips_through_json():
@@ -727,7 +762,8 @@ def test_calibrate_measures_the_whole_models_once_when_not_given(tmp_path):
     archs = distinct_tiny(5, seed=8)
     calibration = table.calibrate(archs, progress=False)
     assert models.calls == 1 and models.archs == archs  # interleaved: one call for all of them
-    assert calibration.form == "offset" and calibration.coefficients == pytest.approx((1.2, 0.3))
+    assert fitted_form(calibration, "offset").coefficients == pytest.approx((1.2, 0.3))
+    assert calibration.holdout.mape <= TIE  # any other form averaged in predicts these models as well
     with pytest.raises(MeasurementError, match="at least one"):
         table.calibrate([], progress=False)
     with pytest.raises(MeasurementError, match="2 latencies for 1"):
@@ -1227,7 +1263,8 @@ def test_build_measures_fits_and_prints_what_the_table_is_worth(tmp_path, mini_s
     assert "anchor 2.000 ms +-1.0%" in lines["reference"]
     parts = len(space_parts(searchspace.get_space(MINI), 32, 32, 1, 10))
     assert f"{parts} in the table ({parts} measured now)" in lines["parts"] and fake_clock["parts"] == parts
-    assert "form 'per_part' fitted on 6 models" in lines["fitted"] and "held out: mean error 0.0%" in lines["fitted"]
+    assert "form 'per_part': " in lines["fitted"] and "fitted on 6 models" in lines["fitted"]
+    assert "held out: mean error 0.0%" in lines["fitted"]
     assert lines["held"].startswith("held out    mean error 0.0%, 100% within +-10%, Kendall tau 1.000 over 4 "
                                     "models")
     assert "fitted on 10 models" in lines["refined"]  # the checked models refine the table

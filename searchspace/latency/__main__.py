@@ -10,7 +10,7 @@ check this device's lookup table, and print what its predictions are worth here.
     context     AMD EPYC [cpu], 1 thread, 1x3x224x224 nchw float32, steady-allocator, reference-corrected, ...
     params      11.89 M
     MACs        1.81 G  (counted by torch FlopCounterMode)
-    predicted   34.6 ms  (-1.4% vs measured; lookup table, form 'weights' fitted on 10 models: ...)
+    predicted   34.6 ms  (-1.4% vs measured; lookup table, the mean of 3 forms (...), fitted on 16 models ...)
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ worth on this machine before a search relies on them.
 1. Every part the space can use at this input (stem, blocks, downsampling layers, head) is measured, with a
    progress bar (parts already in the cache are kept; --rebuild measures everything again).
 2. --models whole architectures drawn from the space are measured and the predictor is fitted on them (the form
-   with the best leave-one-out error).
+   is the mean of the forms whose leave-one-out error is near the best one's).
 3. --check further architectures, not used by the fit, are predicted and then measured: their mean absolute
    percentage error, share within +-10% and Kendall tau are the table's accuracy here. They refine the table
    afterwards.

@@ -7,9 +7,14 @@ whole model at 32x32 carries tens of MB, more than the last-level cache, and rea
 So each model is described by a few features of its parts (:class:`Features`): the sum of their table latencies, how
 many there are, and the megabytes of weights they hold. A *form* is a choice of features (one also splits out the
 parts on maps of at most 2x2 pixels, whose cost is mostly reading their weights); its coefficients are fitted by
-least squares on the relative error of whole models measured for real, and the form kept is the one that predicts
-best *held out* (leave-one-out over the measured models), never assumed. Forms with more coefficients need more
-models (:func:`min_models`): leave-one-out over ten models is itself noisy enough to pick a rich form by luck.
+least squares on the relative error of whole models measured for real, and each is judged *held out* (leave-one-out
+over the measured models), never assumed. Forms with more coefficients need more models (:func:`min_models`).
+
+Which form to trust is itself decided by held-out error, and with the 16 models of a first calibration that
+decision is noisy: the form with the lowest leave-one-out error is often the luckiest, not the best on new models.
+So the prediction is the mean of every form whose held-out error is within :data:`NEAR_BEST` of the best one's
+(README.md gives what this gained on this kind of machine). With exact data only the forms that fit it exactly
+qualify; with many noisy models the poor forms drop out.
 
 The held-out predictions also give what a user needs to know before trusting a table: mean absolute percentage
 error, the share within +-10%, and Kendall's tau of the ranking (:class:`Accuracy`).
@@ -49,7 +54,9 @@ def min_models(form: str) -> int:
     """Whole models needed before ``form="auto"`` may choose ``form`` (see MIN_EXTRA_MODELS and RICH)."""
     k = 1 + len(FORMS[form])
     return 4 * k if k >= RICH else k + MIN_EXTRA_MODELS
-TIE = 0.002  # a more complex form must predict at least 0.2 points better held out to be chosen
+TIE = 0.002  # held-out errors this close (0.2 points) are equal
+NEAR_BEST = 1.5  # forms whose held-out error is at most this times the best form's (+ TIE) are averaged
+MEAN = "mean"  # the form name of such an average
 
 
 class CalibrationError(MixerNASError, ValueError):
@@ -94,42 +101,66 @@ class Accuracy:
 
 @dataclass(frozen=True)
 class Calibration:
-    """``predicted = coefficients . features(form)``; the identity (plain sum) until fitted on whole models."""
+    """``predicted = coefficients . features(form)``; the identity (plain sum) until fitted on whole models.
+
+    Form :data:`MEAN` has no coefficients of its own: it predicts the mean of its ``members``' predictions.
+    """
 
     form: str = "scale"
     coefficients: tuple[float, ...] = (1.0,)
     models: int = 0  # whole models the fit used
     fit_mape: float | None = None  # error on those models after the fit
     holdout: Accuracy | None = None  # each model predicted by a fit on the others (leave-one-out)
+    members: tuple[Calibration, ...] = ()  # form MEAN: the fitted forms it averages
 
     def apply(self, features: Features) -> float:
+        if self.members:
+            return math.fsum(m.apply(features) for m in self.members) / len(self.members)
         return math.fsum(c * v for c, v in zip(self.coefficients, features.vector(self.form)))
 
     @property
+    def forms(self) -> tuple[str, ...]:
+        """The forms whose predictions this calibration averages (one, unless the form is MEAN)."""
+        return tuple(m.form for m in self.members) if self.members else (self.form,)
+
+    @property
     def scale(self) -> float:
+        """The coefficient of the sum of parts (the members' mean for MEAN)."""
+        if self.members:
+            return math.fsum(m.scale for m in self.members) / len(self.members)
         return self.coefficients[0]
+
+    def terms(self) -> str:
+        names = ("sum", *FORMS[self.form])
+        return " + ".join(f"{c:.4g} x {n}" if n != "one" else f"{c:.4g} ms" for c, n in zip(self.coefficients, names))
 
     def __str__(self) -> str:
         if not self.models:
             return "uncalibrated (plain sum of parts)"
-        names = ("sum", *FORMS[self.form])
-        terms = " + ".join(f"{c:.4g} x {n}" if n != "one" else f"{c:.4g} ms" for c, n in zip(self.coefficients, names))
         held = f"; held out: {self.holdout}" if self.holdout is not None else ""
-        return f"form {self.form!r} fitted on {self.models} models: {terms} (fit error {self.fit_mape:.1%}{held})"
+        what = (f"the mean of {len(self.members)} forms ({', '.join(self.forms)})" if self.members
+                else f"form {self.form!r}: {self.terms()}")
+        return f"{what}, fitted on {self.models} models (fit error {self.fit_mape:.1%}{held})"
 
     def to_dict(self) -> dict:
         data = {"form": self.form, "coefficients": list(self.coefficients), "models": self.models,
                 "fit_mape": self.fit_mape}
         data["holdout"] = None if self.holdout is None else vars(self.holdout).copy()
+        if self.members:
+            data["members"] = [m.to_dict() for m in self.members]
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
-        if data["form"] not in FORMS or len(data["coefficients"]) != 1 + len(FORMS[data["form"]]):
+        members = tuple(cls.from_dict(m) for m in data.get("members") or ())
+        if data["form"] == MEAN:
+            if not members or any(m.members for m in members) or data["coefficients"]:
+                raise CalibrationError("a 'mean' calibration needs fitted member forms and no coefficients")
+        elif data["form"] not in FORMS or len(data["coefficients"]) != 1 + len(FORMS[data["form"]]) or members:
             raise CalibrationError(f"unknown calibration form {data['form']!r}")
         holdout = Accuracy(**data["holdout"]) if data.get("holdout") else None
         return cls(data["form"], tuple(float(c) for c in data["coefficients"]), int(data["models"]),
-                   data.get("fit_mape"), holdout)
+                   data.get("fit_mape"), holdout, members)
 
 
 IDENTITY = Calibration()
@@ -190,19 +221,23 @@ def _fit_form(features: Sequence[Features], measured: list[float], form: str) ->
     return Calibration(form, fit.coefficients, len(measured), mape)
 
 
-def holdout_predictions(features: Sequence[Features], measured: Sequence[float], form: str) -> list[float]:
-    """Each model predicted by the ``form`` fitted on all the other models (leave-one-out)."""
+def holdout_predictions(features: Sequence[Features], measured: Sequence[float],
+                        forms: str | Sequence[str]) -> list[float]:
+    """Each model predicted by the form (or the mean of the ``forms``) fitted on all the other models
+    (leave-one-out)."""
+    forms = [forms] if isinstance(forms, str) else list(forms)
     m = [float(v) for v in measured]
     out = []
     for i in range(len(m)):
-        fit = _fit_form(features[:i] + features[i + 1:], m[:i] + m[i + 1:], form)
-        out.append(fit.apply(features[i]))
+        others, others_m = features[:i] + features[i + 1:], m[:i] + m[i + 1:]
+        out.append(math.fsum(_fit_form(others, others_m, f).apply(features[i]) for f in forms) / len(forms))
     return out
 
 
 def fit_calibration(features: Sequence[Features], measured_ms: Sequence[float], *, form: str = "auto") -> Calibration:
-    """Fit the predictor on whole models measured for real; ``form="auto"`` keeps the form with the lowest
-    leave-one-out error among those the number of models allows (see the module docstring).
+    """Fit the predictor on whole models measured for real. ``form="auto"`` judges every form the number of models
+    allows by its leave-one-out error and averages those within NEAR_BEST of the best (a single form where only
+    one qualifies); a form named is fitted alone (see the module docstring).
 
     >>> feats = [Features(s, 10, 1.0) for s in (10.0, 20.0, 40.0)]
     >>> round(fit_calibration(feats, [11.0, 22.0, 44.0]).scale, 6)
@@ -223,11 +258,19 @@ def fit_calibration(features: Sequence[Features], measured_ms: Sequence[float], 
     if not usable:
         fit = _fit_form(features, m, "scale" if form == "auto" else form)
         return fit
-    best = None
-    for name in usable:  # simplest first: a later form must beat the best so far by TIE
-        held = accuracy(holdout_predictions(features, m, name), m)
-        if best is None or held.mape < best[1].mape - TIE:
-            best = (name, held)
-    name, held = best
-    fit = _fit_form(features, m, name)
-    return Calibration(fit.form, fit.coefficients, fit.models, fit.fit_mape, held)
+    held = {name: holdout_predictions(features, m, name) for name in usable}
+    errors = {name: accuracy(predicted, m).mape for name, predicted in held.items()}
+    best = min(errors.values())
+    chosen: list[str] = []
+    for name in usable:  # simplest first; a form predicting exactly what a simpler one does is the same form
+        if errors[name] <= NEAR_BEST * best + TIE and not any(
+                np.allclose(held[name], held[other], rtol=1e-9, atol=0.0) for other in chosen):
+            chosen.append(name)
+    fits = tuple(_fit_form(features, m, name) for name in chosen)
+    if len(fits) == 1:
+        return Calibration(fits[0].form, fits[0].coefficients, len(m), fits[0].fit_mape, accuracy(held[chosen[0]], m))
+    mean = Calibration(MEAN, (), len(m), members=fits)
+    fit_mape = sum(abs(mean.apply(f) - v) / v for f, v in zip(features, m)) / len(m)
+    # each model's held-out prediction is the mean of the members' own, every one fitted without that model
+    held_mean = [math.fsum(held[name][i] for name in chosen) / len(chosen) for i in range(len(m))]
+    return Calibration(MEAN, (), len(m), fit_mape, accuracy(held_mean, m), fits)

@@ -561,7 +561,7 @@ class LatencyTable:
         if len(usable) < 3 or not self.calibration.models:
             return None
         feats = [self.features(o.arch) for o in usable]
-        return accuracy(holdout_predictions(feats, [o.ms for o in usable], self.calibration.form),
+        return accuracy(holdout_predictions(feats, [o.ms for o in usable], self.calibration.forms),
                         [o.ms for o in usable])
 
     def check(self, archs: Sequence[Arch], measured_ms: Sequence[float] | None = None) -> Accuracy:
