@@ -9,6 +9,11 @@ disagree is the noise floor no predictor can beat. The calibration's models are 
 the machine's level moved since the calibration (drift) is a floor for any table calibrated then. ``--load``
 keeps the other core busy with a second process throughout (a user's machine is rarely idle).
 
+How the table decides among its predictor's forms is checked on the same measurements, at no extra cost: the
+calibration's models and the 30 are pooled and split at random many times, the calibration's number to fit and the
+rest to predict, and each split is predicted by the table's rule (the mean of the forms near the best held out)
+and by the single form with the lowest leave-one-out error.
+
 Targets (issue 11), at every size, idle and loaded: MAPE <= 4%, >= 95% within +-10%, Kendall tau >= 0.95;
 noise floor <= 2%.
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -35,10 +41,39 @@ import searchspace  # noqa: E402
 from bench.load import busy_core  # noqa: E402
 from searchspace.latency import InputSpec, device_name, format_ms, measure_many  # noqa: E402
 from searchspace.latency.measure import thread_cpu_timer  # noqa: E402
-from searchspace.latency.predictor import accuracy  # noqa: E402
+from searchspace.latency.predictor import FORMS, TIE, accuracy, fit_calibration, min_models  # noqa: E402
 from searchspace.latency.table import CALIBRATION_MODELS, LatencyTable, sample_archs  # noqa: E402
 
 TARGET_MAPE, TARGET_WITHIN10, TARGET_TAU, TARGET_NOISE = 0.04, 0.95, 0.95, 0.02
+SPLITS = 100
+
+
+def lowest_holdout_form(features, measured):
+    """The single form with the lowest leave-one-out error (simplest first; a richer one must win by TIE)."""
+    best = None
+    for form in FORMS:
+        if len(measured) >= min_models(form):
+            fit = fit_calibration(features, measured, form=form)
+            if best is None or fit.holdout.mape < best.holdout.mape - TIE:
+                best = fit
+    return best
+
+
+def resplit(features, measured, fit_size: int, seed: int) -> dict[str, tuple[float, float, float]]:
+    """Mean MAPE, within +-10% and tau over SPLITS random splits: ``fit_size`` models fitted, the rest predicted."""
+    rng = random.Random(seed)
+    scores: dict[str, list] = {"mean": [], "lowest": []}
+    for _ in range(SPLITS):
+        order = list(range(len(measured)))
+        rng.shuffle(order)
+        fit, rest = order[:fit_size], order[fit_size:]
+        f_fit, m_fit = [features[i] for i in fit], [measured[i] for i in fit]
+        truth = [measured[i] for i in rest]
+        for name, calibration in (("mean", fit_calibration(f_fit, m_fit)),
+                                  ("lowest", lowest_holdout_form(f_fit, m_fit))):
+            acc = accuracy([calibration.apply(features[i]) for i in rest], truth)
+            scores[name].append((acc.mape, acc.within10, acc.tau))
+    return {name: tuple(statistics.fmean(s[k] for s in runs) for k in range(3)) for name, runs in scores.items()}
 
 
 def run_size(size: int, args) -> dict[str, float]:
@@ -91,6 +126,14 @@ def run_size(size: int, args) -> dict[str, float]:
         print(f"drift:       the {len(drift)} calibration models measured again now differ from their calibration "
               f"by {statistics.fmean(drift):+.1%} on average ({statistics.fmean(abs(d) for d in drift):.1%} "
               f"absolute): the machine's level moved that much between the calibration and the check")
+    pooled = table.observations[:args.calibration_models]
+    split = resplit([table.features(o.arch) for o in pooled] + [table.features(a) for a in archs],
+                    [o.ms for o in pooled] + measured, len(pooled), args.seed)
+    for name, label in (("mean", "forms near the best, averaged (the table's rule)"),
+                        ("lowest", "the one form lowest held out")):
+        mape, within, tau = split[name]
+        print(f"re-split:    {label}: MAPE {mape:.2%}, within +-10% {within:.0%}, tau {tau:.3f} (mean over "
+              f"{SPLITS} random splits of these {len(pooled) + len(archs)} models, {len(pooled)} fitted)")
     shifts = [abs(s - 1) for s in table.level_scales[1:]]
     if shifts:
         print(f"level:       {len(shifts)} batches of parts brought to the first batch's level by the yardsticks; "
@@ -98,6 +141,8 @@ def run_size(size: int, args) -> dict[str, float]:
     return {f"mape_{size}": acc.mape, f"within10_{size}": acc.within10, f"tau_{size}": acc.tau,
             f"noise_{size}": noise, f"repeat_tau_{size}": repeat.tau,
             f"plain_mape_{size}": plain.mape, f"calibrate_s_{size}": calibrate_s,
+            f"split_mean_mape_{size}": split["mean"][0], f"split_mean_tau_{size}": split["mean"][2],
+            f"split_lowest_mape_{size}": split["lowest"][0], f"split_lowest_tau_{size}": split["lowest"][2],
             f"level_shift_{size}": max(shifts, default=0.0),
             f"drift_{size}": statistics.fmean(drift) if drift else 0.0,
             f"load_{size}": os.getloadavg()[0]}
