@@ -13,8 +13,8 @@ over the measured models), never assumed. Forms with more coefficients need more
 Which form to trust is itself decided by held-out error, and with the 16 models of a first calibration that
 decision is noisy: the form with the lowest leave-one-out error is often the luckiest, not the best on new models.
 So the prediction is the mean of every form whose held-out error is within :data:`NEAR_BEST` of the best one's
-(README.md gives what this gained on this kind of machine). With exact data only the forms that fit it exactly
-qualify; with many noisy models the poor forms drop out.
+(README.md gives what this gained on this kind of machine). Forms that predict much worse held out are left out;
+with exact data only the forms that fit it exactly qualify, and of forms that predict alike the simplest.
 
 The held-out predictions also give what a user needs to know before trusting a table: mean absolute percentage
 error, the share within +-10%, and Kendall's tau of the ranking (:class:`Accuracy`).
@@ -131,6 +131,7 @@ class Calibration:
         return self.coefficients[0]
 
     def terms(self) -> str:
+        """The fitted expression of a single form, e.g. ``1.1 x sum + 0.05 x parts``."""
         names = ("sum", *FORMS[self.form])
         return " + ".join(f"{c:.4g} x {n}" if n != "one" else f"{c:.4g} ms" for c, n in zip(self.coefficients, names))
 
