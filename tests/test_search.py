@@ -67,7 +67,9 @@ def test_search_writes_a_results_folder_whose_best_fits(tmp_path, capsys):
     # trials refined it
     opened = next(line for line in captured.err.splitlines() if line.startswith("latency table prediction"))
     assert "fitted on" in opened and "held out: mean error" in opened and "Kendall tau" in opened
-    assert "latency table, refined by this search's measurements: form" in captured.err
+    refined = next(line for line in captured.err.splitlines()
+                   if line.startswith("latency table, refined by this search's measurements: "))
+    assert "fitted on" in refined and "held out: mean error" in refined
     assert "parts and" in captured.err and "whole models cached" in captured.err
     # every candidate measured (the baseline included) is an observation of the table, and refits it
     table = search_table()
