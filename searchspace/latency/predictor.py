@@ -194,6 +194,11 @@ def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float:
     return (concordant - discordant) / denominator if denominator else math.nan
 
 
+def mean_relative_error(predicted: Sequence[float], measured: Sequence[float]) -> float:
+    """Mean of ``|predicted - measured| / measured`` (the MAPE, as a fraction), without the ranking's cost."""
+    return sum(abs(p - m) / m for p, m in zip(predicted, measured)) / len(measured)
+
+
 def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
     """MAPE, share within +-10% and Kendall's tau of ``predicted`` against ``measured``.
 
@@ -204,7 +209,7 @@ def accuracy(predicted: Sequence[float], measured: Sequence[float]) -> Accuracy:
         raise CalibrationError("accuracy needs as many predictions as measurements, at least one")
     rel = [(p - m) / m for p, m in zip(predicted, measured)]
     within = sum(abs(r) <= 0.10 + 1e-9 for r in rel) / len(rel)  # 2.2 against 2.0 is within, float rounding aside
-    return Accuracy(sum(abs(r) for r in rel) / len(rel), within,
+    return Accuracy(mean_relative_error(predicted, measured), within,
                     kendall_tau(list(predicted), list(measured)), len(rel))
 
 
@@ -218,7 +223,7 @@ def _solve(rows: list[list[float]], measured: list[float]) -> list[float]:
 def _fit_form(features: Sequence[Features], measured: list[float], form: str) -> Calibration:
     rows = [f.vector(form) for f in features]
     fit = Calibration(form, tuple(_solve(rows, measured)))
-    mape = sum(abs(fit.apply(f) - m) / m for f, m in zip(features, measured)) / len(measured)
+    mape = mean_relative_error([fit.apply(f) for f in features], measured)
     return Calibration(form, fit.coefficients, len(measured), mape)
 
 
@@ -260,7 +265,7 @@ def fit_calibration(features: Sequence[Features], measured_ms: Sequence[float], 
         fit = _fit_form(features, m, "scale" if form == "auto" else form)
         return fit
     held = {name: holdout_predictions(features, m, name) for name in usable}
-    errors = {name: accuracy(predicted, m).mape for name, predicted in held.items()}
+    errors = {name: mean_relative_error(predicted, m) for name, predicted in held.items()}
     best = min(errors.values())
     chosen: list[str] = []
     for name in usable:  # simplest first; a form predicting exactly what a simpler one does is the same form
@@ -271,7 +276,7 @@ def fit_calibration(features: Sequence[Features], measured_ms: Sequence[float], 
     if len(fits) == 1:
         return Calibration(fits[0].form, fits[0].coefficients, len(m), fits[0].fit_mape, accuracy(held[chosen[0]], m))
     mean = Calibration(MEAN, (), len(m), members=fits)
-    fit_mape = sum(abs(mean.apply(f) - v) / v for f, v in zip(features, m)) / len(m)
+    fit_mape = mean_relative_error([mean.apply(f) for f in features], m)
     # each model's held-out prediction is the mean of the members' own, every one fitted without that model
     held_mean = [math.fsum(held[name][i] for name in chosen) / len(chosen) for i in range(len(m))]
     return Calibration(MEAN, (), len(m), fit_mape, accuracy(held_mean, m), fits)
