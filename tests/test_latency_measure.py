@@ -188,14 +188,20 @@ def test_a_corrected_round_uses_the_mean_of_its_runs_and_a_spoilt_round_is_left_
     assert summarize([[2.0, 2.0]], [[1.0, 1.2]], anchor_ms=1.0).value_ms == pytest.approx(2.0 / 1.1)
 
 
-def test_calm_rounds_are_those_whose_reference_ran_within_a_quarter_of_the_calmest():
-    from searchspace.latency.stats import BUSY_MARGIN, calm_rounds
+def test_calm_rounds_are_those_whose_reference_ran_within_a_quarter_of_the_calm_level():
+    from searchspace.latency.stats import BUSY_MARGIN, calm_level, calm_rounds
 
     assert BUSY_MARGIN == 0.25
-    refs = [[2.0, 2.2], [4.0, 4.1], [2.5], [2.0], [2.55, 2.55]]  # round means 2.1, 4.05, 2.5, 2.0, 2.55
-    assert calm_rounds(refs) == [0, 2, 3]  # 2.5 <= 1.25 x 2.0 < 2.55
-    assert calm_rounds(refs, margin=1.5) == [0, 1, 2, 3, 4]
+    refs = [[2.0, 2.2], [4.0, 4.1], [2.5], [2.0], [2.7, 2.7], [2.1]]  # round means 2.1, 4.05, 2.5, 2.0, 2.7, 2.1
+    assert calm_level([2.1, 4.05, 2.5, 2.0, 2.7, 2.1]) == 2.1  # the lower quartile
+    assert calm_rounds(refs) == [0, 2, 3, 5]  # 2.5 <= 1.25 x 2.1 < 2.7
+    assert calm_rounds(refs, margin=1.5) == [0, 1, 2, 3, 4, 5]
     assert calm_rounds([[3.0]] * 4) == [0, 1, 2, 3]  # a steady machine keeps every round
+    # one round in which the reference ran a third faster (a burst of the host) leaves the others in
+    burst = [[1.0]] * 9 + [[0.65]]
+    assert calm_rounds(burst) == list(range(10))
+    with pytest.raises(MeasurementError, match="reference timings"):
+        calm_level([])
     with pytest.raises(MeasurementError, match="reference timings"):
         calm_rounds([[1.0], [math.nan]])
 

@@ -1177,6 +1177,19 @@ def test_busy_means_slower_than_the_calmest_batch_so_far(tmp_path, monkeypatch):
     assert sorted(table.entries.values())[-1] == 0.55  # and its calmer attempt kept
 
 
+def test_one_fast_probe_does_not_make_every_later_batch_busy(tmp_path, monkeypatch):
+    # the machine reads 1.0 after every batch but once 0.6 (a burst of the host): the calm level is the batches'
+    # lower quartile, not that one reading, so no later batch is measured again (by the lowest reading, each of
+    # them would have been measured four times)
+    attempts = scripted_part_batches(monkeypatch, [1.0, 1.0, 1.0, 0.6] + [1.0] * 50)
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=1, cache_dir=tmp_path,
+                              num_classes=10, protocol=PartProtocol(batch=1, yardsticks=0))
+    arch = distinct_tiny(1, seed=13)[0]
+    parts = len({u.part for u in table.parts(arch)})
+    table.ensure([arch], progress=False)
+    assert parts >= 5 and len(attempts) == parts
+
+
 def test_real_measurement_of_a_few_parts_is_positive(tmp_path):
     table = LatencyTable.open("cpu", InputSpec(height=16, width=16), threads=1, cache_dir=tmp_path,
                               protocol=PartProtocol(warmup=1, rounds=1, target_round_ms=1.0, reference=False))

@@ -13,9 +13,9 @@ The protocol, and why:
   the latency is the median of the per-round ratios model / reference (of their mean runs in the round, see
   :func:`summarize`), times the reference's *anchor* (its latency on this machine, measured once and cached).
   The machine's own drift, shared by both, divides out.
-* **Busy rounds left out.** A round whose reference ran more than 25% slower than in the calmest round
-  (:func:`~.stats.calm_rounds`) was a machine slowed on the memory side, where the ratio moves too; it is left
-  out and counted (``busy_rounds``).
+* **Busy rounds left out.** A round whose reference ran more than 25% slower than on the calm machine (the
+  lower quartile of the rounds, :func:`~.stats.calm_rounds`) was a machine slowed on the memory side, where the
+  ratio moves too; it is left out and counted (``busy_rounds``).
 * **The statistic and its interval.** The value is the median over the calm rounds (of the corrected values);
   its interval is the distribution-free confidence interval of a median from order statistics
   (:func:`median_interval`, 95%). Rounds are added, at most ``max_extra_rounds``, until the interval's

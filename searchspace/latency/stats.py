@@ -161,22 +161,41 @@ def chunk_size(fn_ms: float, reference_ms: float) -> int:
     return max(1, min(MAX_RUNS_PER_ROUND, round(reference_ms / fn_ms))) if fn_ms > 0 else MAX_RUNS_PER_ROUND
 
 
-BUSY_MARGIN = 0.25  # a round whose reference ran this much slower than in the calmest round was a busy machine
+BUSY_MARGIN = 0.25  # a round whose reference ran this much slower than on the calm machine was a busy machine
+
+
+def calm_level(values: Sequence[float]) -> float:
+    """The calm machine's level among reference timings (one per round or per probe): their lower quartile.
+
+    Not the lowest: now and then the reference runs a third faster than in any other round (a burst of the host),
+    and measured against such a round every other one looked busy and was left out, down to a single round per
+    model. README.md gives what that cost the repeatability.
+
+    >>> calm_level([1.0, 1.05, 1.2, 2.05])
+    1.05
+    >>> calm_level([3.0])
+    3.0
+    """
+    if not values:
+        raise MeasurementError("no reference timings to tell the calm machine's level from")
+    return sorted(values)[len(values) // 4]
 
 
 def calm_rounds(reference_rounds: Sequence[Sequence[float]], margin: float = BUSY_MARGIN) -> list[int]:
     """Indices of the rounds in which the machine was calm: the mean reference run of the round is within
-    ``margin`` of the calmest round's.
+    ``margin`` of the calm level (:func:`calm_level` of the rounds' means).
 
     The reference divides out a machine that slows as a whole, not one that slows on the memory side only (another
     process, a neighbour on the host): then the reference, which streams megabytes of weights, slows more than a
     model that keeps more of its data in cache, and their ratio moves. Such rounds are left out; the reference
-    running 25% slower than in the calmest round marks them.
+    running 25% slower than on the calm machine marks them.
 
-    >>> calm_rounds([[1.0, 1.1], [2.0, 2.1], [1.2], [1.0]])
-    [0, 2, 3]
+    >>> calm_rounds([[1.0, 1.1], [2.0, 2.1], [1.2], [1.0], [1.1]])
+    [0, 2, 3, 4]
+    >>> calm_rounds([[0.6], [1.0], [1.1], [1.05], [0.95]])  # one burst does not make the rest busy
+    [0, 1, 2, 3, 4]
     """
     means = [statistics.fmean(_finite_timings(r, "reference timings")) for r in reference_rounds]
-    calmest = min(means)
+    calmest = calm_level(means)
     return [i for i, m in enumerate(means) if m <= (1 + margin) * calmest]
 

@@ -82,7 +82,7 @@ from .predictor import (
     fit_calibration,
     holdout_predictions,
 )
-from .stats import BUSY_MARGIN
+from .stats import BUSY_MARGIN, calm_level
 from .storage import Observation, TableData, TableKey, read_table, table_key, write_table
 
 # measure(modules, input_specs) -> milliseconds per module. Injectable so tests count calls instead of timing.
@@ -155,11 +155,11 @@ class PartProtocol:
     # removes the average gap anyway. Measured here (64x64, 1 thread): sum error -17..-34% warm, +11..-17% flushed.
     flush_caches: bool = False
     # Where parts are taken as measured (see ``reference``), the reference is timed alone right after each batch
-    # and only tells the machine's state: a batch after which it ran more than ``busy_margin`` slower than after
-    # the calmest batch so far (or than its anchor) was measured while the machine was busy on the memory side,
-    # and is measured again, at most ``busy_retries`` times; the calmest attempt is kept. On the thread clock a
-    # busy machine only ever makes a part slower, and the slowdown differs from part to part, so no factor could
-    # take it out.
+    # and only tells the machine's state: a batch after which it ran more than ``busy_margin`` slower than on the
+    # calm machine (stats.calm_level of the batches so far, or its anchor) was measured while the machine was busy
+    # on the memory side, and is measured again, at most ``busy_retries`` times; the calmest attempt is kept. On
+    # the thread clock a busy machine only ever makes a part slower, and the slowdown differs from part to part,
+    # so no factor could take it out.
     busy_margin: float = BUSY_MARGIN
     busy_retries: int = 3
     # "thread": CPU time of the measuring thread (time.thread_time), which leaves out the time other processes
@@ -237,7 +237,7 @@ class LatencyTable:
         self._new: dict[Part, float] = {}  # measured here since the last save
         self._new_observations: list[Observation] = []
         self._reference: _reference.Reference | None = None
-        self._calm_drift = math.inf  # the lowest reference drift seen beside a batch of parts (a calm machine)
+        self._drifts: list[float] = []  # the reference's drift after each batch of parts (kept attempts)
         self.level_scales: list[float] = []  # the factor each batch measured here was scaled by (yardsticks)
         self.run_options = options or RunOptions()  # how parts and models run while timed (part of the key)
 
@@ -473,14 +473,15 @@ class LatencyTable:
         # machine was busy meanwhile. Timed among the parts' rounds it would empty their caches between runs, as
         # nothing does inside a model: the parts' sums then ranked whole models worse (README.md).
         drift = reference_drift(reference, threads=self.key.threads, timer=timer)
+        calm = min(1.0, calm_level(self._drifts)) if self._drifts else 1.0
         for _ in range(max(0, p.busy_retries)):
-            if drift <= (1 + p.busy_margin) * min(1.0, self._calm_drift):
+            if drift <= (1 + p.busy_margin) * calm:
                 break
             again = attempt()
             again_drift = reference_drift(reference, threads=self.key.threads, timer=timer)
             if again_drift < drift:
                 results, drift = again, again_drift
-        self._calm_drift = min(self._calm_drift, drift)
+        self._drifts.append(drift)
         return [r.value_ms for r in results]
 
     def _measure_whole(self, archs: Sequence[Arch]) -> list[float]:
