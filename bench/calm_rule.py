@@ -10,6 +10,7 @@ from each other (mean absolute difference, Kendall tau) and how many rounds each
 
     python bench/calm_rule.py                     # 24 architectures of the default space at 32x32x1, 3 passes
     python bench/calm_rule.py --size 64 --passes 4
+    python bench/calm_rule.py --load              # the other core busy meanwhile
 
 The last line is ``key=value`` figures: apart_lowest=.. apart_quartile=.. tau_lowest=.. ... cpu=..
 """
@@ -28,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import searchspace  # noqa: E402
+from bench.load import busy_core  # noqa: E402
 from searchspace.latency import InputSpec, device_name  # noqa: E402
 from searchspace.latency.measure import (  # noqa: E402
     num_threads,
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
     p.add_argument("--passes", type=int, default=3, help="times every model is measured (default: 3, at least 2)")
     p.add_argument("--rounds", type=int, default=24, help="rounds per model and pass (default: 24)")
     p.add_argument("--seed", type=int, default=5)
+    p.add_argument("--load", action="store_true", help="keep the other core busy with a second process")
     args = p.parse_args(argv)
     if args.passes < 2 or args.rounds < 4:
         print("calm_rule: --passes must be at least 2 and --rounds at least 4; raise them", file=sys.stderr)
@@ -75,10 +78,11 @@ def main(argv=None) -> int:
                               cache_dir=tempfile.mkdtemp(prefix="mixernas-calm-"))
     archs = sample_archs(searchspace.get_space("default"), args.archs, seed=args.seed)
     print(f"{len(archs)} architectures at {args.size}x{args.size}x{args.channels}, {args.passes} passes of "
-          f"{args.rounds} rounds, one thread, thread clock, on {device_name('cpu')}", flush=True)
+          f"{args.rounds} rounds, one thread, thread clock, on {device_name('cpu')}, "
+          f"{'other core busy' if args.load else 'idle'}", flush=True)
     figures: dict[str, list[list[float]]] = {rule: [] for rule in RULES}
     kept: dict[str, list[int]] = {rule: [] for rule in RULES}
-    with num_threads(1), torch.inference_mode():
+    with busy_core(args.load), num_threads(1), torch.inference_mode():
         models = [build_model(a, num_classes=10, in_chans=args.channels).eval() for a in archs]
         x = spec.example(torch.device("cpu"))
         ref_model = reference.module().eval()
@@ -109,7 +113,8 @@ def main(argv=None) -> int:
         print(f"calm level = {rule:8s}: passes {apart:.2%} apart on average (Kendall tau {tau:.3f}), rounds kept "
               f"{out[f'kept_{rule}']:.0%} (fewest {min(kept[rule])} of {args.rounds})")
     print(" ".join(f"{k}={v:.4g}" for k, v in out.items())
-          + f" size={args.size} archs={len(archs)} passes={args.passes} cpu={device_name('cpu').replace(' ', '_')}")
+          + f" size={args.size} archs={len(archs)} passes={args.passes} load={int(args.load)}"
+          + f" cpu={device_name('cpu').replace(' ', '_')}")
     return 0
 
 
