@@ -1165,7 +1165,7 @@ def test_a_batch_of_parts_measured_while_the_machine_is_busy_is_measured_again(t
     assert {table.get(u.part) for u in table.parts(arch)} == {kept}
 
 
-def test_busy_means_slower_than_the_calmest_batch_so_far(tmp_path, monkeypatch):
+def test_busy_means_slower_than_the_calm_batches_so_far(tmp_path, monkeypatch):
     # the anchor was measured while the machine was busy: calm batches read 0.5, and 0.9 is busy beside them
     attempts = scripted_part_batches(monkeypatch, [0.5, 0.9, 0.55] + [0.5] * 50)
     table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=1, cache_dir=tmp_path,

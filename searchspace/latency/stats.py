@@ -196,6 +196,6 @@ def calm_rounds(reference_rounds: Sequence[Sequence[float]], margin: float = BUS
     [0, 1, 2, 3, 4]
     """
     means = [statistics.fmean(_finite_timings(r, "reference timings")) for r in reference_rounds]
-    calmest = calm_level(means)
-    return [i for i, m in enumerate(means) if m <= (1 + margin) * calmest]
+    calm = calm_level(means)
+    return [i for i, m in enumerate(means) if m <= (1 + margin) * calm]
 
