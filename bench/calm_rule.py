@@ -40,7 +40,7 @@ from searchspace.latency.measure import (  # noqa: E402
     warm_until_steady,
 )
 from searchspace.latency.predictor import kendall_tau  # noqa: E402
-from searchspace.latency.stats import BUSY_MARGIN, calibrate_runs, calm_level, chunk_size  # noqa: E402
+from searchspace.latency.stats import calibrate_runs, calm_level, calm_rounds, chunk_size, summarize  # noqa: E402
 from searchspace.latency.table import sample_archs  # noqa: E402
 from searchspace.model import build_model  # noqa: E402
 
@@ -51,11 +51,10 @@ RULES = {
 
 
 def value(own: list[list[float]], refs: list[list[float]], anchor_ms: float, level) -> tuple[float, int]:
-    """The corrected latency from the rounds ``level`` calls calm, and how many those are."""
-    ref_means = [statistics.fmean(r) for r in refs]
-    calm = level(ref_means) * (1 + BUSY_MARGIN)
-    kept = [statistics.fmean(o) / r * anchor_ms for o, r in zip(own, ref_means) if r <= calm]
-    return statistics.median(kept), len(kept)
+    """The corrected latency from the rounds ``level`` calls calm (as a measurement summarizes them), and how many
+    those are."""
+    kept = calm_rounds(refs, level=level)
+    return summarize([own[k] for k in kept], [refs[k] for k in kept], anchor_ms).value_ms, len(kept)
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import MixerNASError
@@ -181,9 +181,10 @@ def calm_level(values: Sequence[float]) -> float:
     return sorted(values)[len(values) // 4]
 
 
-def calm_rounds(reference_rounds: Sequence[Sequence[float]], margin: float = BUSY_MARGIN) -> list[int]:
+def calm_rounds(reference_rounds: Sequence[Sequence[float]], margin: float = BUSY_MARGIN,
+                level: Callable[[Sequence[float]], float] = calm_level) -> list[int]:
     """Indices of the rounds in which the machine was calm: the mean reference run of the round is within
-    ``margin`` of the calm level (:func:`calm_level` of the rounds' means).
+    ``margin`` of the calm level (``level`` of the rounds' means, :func:`calm_level` unless a bench compares rules).
 
     The reference divides out a machine that slows as a whole, not one that slows on the memory side only (another
     process, a neighbour on the host): then the reference, which streams megabytes of weights, slows more than a
@@ -196,6 +197,6 @@ def calm_rounds(reference_rounds: Sequence[Sequence[float]], margin: float = BUS
     [0, 1, 2, 3, 4]
     """
     means = [statistics.fmean(_finite_timings(r, "reference timings")) for r in reference_rounds]
-    calm = calm_level(means)
+    calm = level(means)
     return [i for i, m in enumerate(means) if m <= (1 + margin) * calm]
 
