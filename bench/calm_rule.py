@@ -84,18 +84,19 @@ def main(argv=None) -> int:
     with busy_core(args.load), num_threads(1), torch.inference_mode():
         models = [build_model(a, num_classes=10, in_chans=args.channels).eval() for a in archs]
         x = spec.example(torch.device("cpu"))
-        ref_model = reference.module().eval()
         ref_x = InputSpec(**reference.key["input"]).example(torch.device("cpu"))
         fns = [lambda m=m: m(x) for m in models]
-        ref_fn = lambda: ref_model(ref_x)  # noqa: E731
-        ref_ms = statistics.median(warm_until_steady(ref_fn, thread_cpu_timer, min_runs=5)[-5:])
+        ref_fns = [lambda m=m: m(ref_x) for m in reference.modules()]
+        warm_until_steady(ref_fns[1], thread_cpu_timer, min_runs=5)
+        # chunks as long as one run of the light reference, as measure_many makes them
+        ref_ms = statistics.median(warm_until_steady(ref_fns[0], thread_cpu_timer, min_runs=5)[-5:])
         runs, chunks = [], []
         for fn in fns:
             warm = warm_until_steady(fn, thread_cpu_timer, min_runs=5)
             runs.append(calibrate_runs(warm, 20.0))
             chunks.append(chunk_size(statistics.median(warm[len(warm) // 2:]), ref_ms))
         for n in range(args.passes):
-            own, refs = run_paired_rounds(fns, runs, ref_fn, rounds=args.rounds, max_extra_rounds=0,
+            own, refs = run_paired_rounds(fns, runs, ref_fns, rounds=args.rounds, max_extra_rounds=0,
                                           timer=thread_cpu_timer, done=lambda t, r: True, chunks=chunks)
             for rule, level in RULES.items():
                 values = [value(o, r, reference.anchor.ms, level) for o, r in zip(own, refs)]

@@ -526,15 +526,15 @@ def test_user_model_is_not_moved_to_another_dtype():
 
 @pytest.fixture
 def tagged_reference(monkeypatch):
-    """The reference workload is a Tagged('ref') model here, so a timer can tell it from the models; returns the
-    instances built."""
+    """The reference workload is a pair of Tagged('ref') and Tagged('heavy') models here, so a timer can tell them
+    from the models; returns the instances built."""
     built = []
 
-    def model(in_chans):
-        built.append(Tagged("ref"))
-        return built[-1]
+    def models(in_chans):
+        built.extend((Tagged("ref"), Tagged("heavy")))
+        return tuple(built[-2:])
 
-    monkeypatch.setattr(reference_module, "reference_model", model)
+    monkeypatch.setattr(reference_module, "reference_models", models)
     return built
 
 
@@ -567,6 +567,36 @@ def test_paired_rounds_time_the_reference_after_every_chunk_of_each_models_runs(
     assert paired == [[[0.5] * 2] * 2, [[0.5] * 2] * 2]  # per model and round: the reference runs among its runs
 
 
+def test_two_reference_workloads_are_timed_after_every_chunk_and_paired_by_their_geometric_mean():
+    from searchspace.latency.measure import run_paired_rounds
+
+    order = []
+    a, light, heavy = (lambda: order.append("a")), (lambda: order.append("light")), (lambda: order.append("heavy"))
+
+    def timer(fn):
+        fn()
+        return {"a": 1.0, "light": 1.0, "heavy": 4.0}[order[-1]]
+
+    timings, paired = run_paired_rounds([a], [2], [light, heavy], rounds=2, max_extra_rounds=0, timer=timer,
+                                        done=lambda t, r: True, chunks=[1])
+    # each visit: one untimed settling run, then each run of the model followed by one run of each reference
+    assert order == ["a", "a", "light", "heavy", "a", "light", "heavy"] * 2
+    assert timings == [[[1.0, 1.0]] * 2] and paired == [[[2.0, 2.0]] * 2]  # sqrt(1 x 4) per chunk
+
+
+def test_the_anchor_is_the_geometric_mean_of_both_workloads_latencies(tmp_path, tagged_reference):
+    timer = Machine({"ref": 1.0, "heavy": 9.0})
+    ref = reference_for("cpu", TINY, 1, timer=timer, cache_dir=str(tmp_path), anchor_rounds=6)
+    assert (ref.anchor.ms, ref.anchor.ci_low_ms, ref.anchor.ci_high_ms, ref.anchor.rounds) == (3.0, 3.0, 3.0, 6)
+    assert timer.counts["ref"] > 0 and timer.counts["heavy"] > 0
+    stored = json.loads(reference_module.anchor_path(ref.key, tmp_path).read_text())
+    assert [a["name"] for a in stored["archs"]] == ["reference", "heavy-reference"]
+    # a light-only anchor of the format before is measured again, not used to correct the pair
+    stored["format"] = 1
+    reference_module.anchor_path(ref.key, tmp_path).write_text(json.dumps(stored))
+    assert reference_module.read_anchor(ref.key, tmp_path) is None
+
+
 class Machine:
     """A scripted machine: runs fn, sees which Tagged model ran, answers its time (``ms[name]``) at the machine's
     current speed: twice as slow once the model 'm' has run ``slow_after`` times (None: never)."""
@@ -585,12 +615,14 @@ class Machine:
 
 def test_the_reference_is_timed_with_the_models_and_divides_out(tagged_reference):
     a, b = Tagged("a"), Tagged("b")
-    timer = Machine({"a": 1.0, "b": 2.0, "ref": 0.5})
+    timer = Machine({"a": 1.0, "b": 2.0, "ref": 0.25, "heavy": 1.0})  # the reference's value: sqrt(0.25 x 1.0)
     ra, rb = measure_many([a, b], TINY, threads=1, warmup=0, rounds=3, runs_per_round=2, timer=timer,
                           reference=tagged_ref(anchor_ms=2.5))
-    [ref] = tagged_reference
+    ref, heavy = tagged_reference
     assert timer.counts["ref"] >= 3 * 2  # timed in every round of each model (after its own warm-up)
-    assert {s[:3] for s in ref.seen} == {(1, True, False)}  # run like the models: threads, inference, eval
+    assert timer.counts["heavy"] == timer.counts["ref"]  # each reference run times both workloads
+    for workload in (ref, heavy):  # run like the models: threads, inference, eval
+        assert {s[:3] for s in workload.seen} == {(1, True, False)}
     assert (ra.value_ms, rb.value_ms) == (1.0 / 0.5 * 2.5, 2.0 / 0.5 * 2.5)
     assert (ra.raw_ms, rb.raw_ms) == (1.0, 2.0)
     assert ra.anchor_ms == rb.anchor_ms == 2.5 and ra.drift == rb.drift == pytest.approx(0.5 / 2.5)
@@ -599,10 +631,11 @@ def test_the_reference_is_timed_with_the_models_and_divides_out(tagged_reference
 
 
 def test_the_reference_probe_times_the_reference_alone_against_its_anchor(tagged_reference):
-    timer = Machine({"ref": 3.0})  # the machine now runs the reference in 3 ms; its anchor says 2.5
+    timer = Machine({"ref": 2.0, "heavy": 4.5})  # the reference now takes sqrt(2.0 x 4.5) = 3 ms; its anchor 2.5
     assert reference_drift(tagged_ref(anchor_ms=2.5), threads=1, timer=timer) == pytest.approx(1.2)
-    [ref] = tagged_reference
-    assert set(timer.counts) == {"ref"} and {s[:3] for s in ref.seen} == {(1, True, False)}
+    ref, heavy = tagged_reference
+    assert set(timer.counts) == {"ref", "heavy"}
+    assert {s[:3] for s in ref.seen} == {s[:3] for s in heavy.seen} == {(1, True, False)}
 
 
 def test_a_machine_that_slows_half_way_gives_the_ratio_times_the_anchor(tagged_reference):
@@ -614,7 +647,7 @@ def test_a_machine_that_slows_half_way_gives_the_ratio_times_the_anchor(tagged_r
         return measure_latency(Tagged("m"), TINY, threads=1, warmup=0, rounds=rounds, runs_per_round=runs,
                                max_extra_rounds=0, timer=timer, reference=reference)
 
-    ms = {"m": 3.0, "ref": 1.0}
+    ms = {"m": 3.0, "ref": 1.0, "heavy": 1.0}
     slowed = measure(Machine(ms, slow_after=half_way), tagged_ref(anchor_ms=anchor_ms))
     steady = measure(Machine(ms), tagged_ref(anchor_ms=anchor_ms))
     assert slowed.value_ms == steady.value_ms == 3.0 * anchor_ms
@@ -675,7 +708,7 @@ def test_the_anchor_lives_in_the_cache_folder_of_the_environment(tmp_path, monke
 
 def reference_runs(**kwargs):
     """How many times the reference runs in one scripted measurement of Tagged('m'), and the result."""
-    timer = Machine({"m": 6.0, "ref": 2.0})
+    timer = Machine({"m": 6.0, "ref": 2.0, "heavy": 2.0})
     result = measure_latency(Tagged("m"), TINY, threads=1, warmup=0, rounds=6, runs_per_round=3, timer=timer,
                              **kwargs)
     return timer.counts["ref"], result
@@ -708,11 +741,11 @@ def test_the_reference_runs_in_the_precision_of_the_measurement(tagged_reference
     # The anchor of a bfloat16 input is measured with the reference cast to bfloat16 (reference_for measures it
     # like any model); in the rounds it must run the same way, or a float32 module meets a bfloat16 input.
     spec = InputSpec(channels=3, height=8, width=8, dtype="bfloat16")
-    timer = Machine({"ref": 1.0, None: 1.0})
+    timer = Machine({"ref": 1.0, "heavy": 1.0, None: 1.0})
     result = measure_latency(nn.Conv2d(3, 4, 3), spec, threads=1, warmup=0, rounds=2, runs_per_round=2,
                              timer=timer, reference=tagged_ref(spec))
-    [ref] = tagged_reference
-    assert {s[4] for s in ref.seen} == {torch.bfloat16} and ref.conv.weight.dtype == torch.bfloat16
+    for workload in tagged_reference:
+        assert {s[4] for s in workload.seen} == {torch.bfloat16} and workload.conv.weight.dtype == torch.bfloat16
     assert result.context.dtype == "bfloat16"
 
 

@@ -8,8 +8,9 @@ The protocol, and why:
 * **Short interleaved rounds.** Each round times ``runs_per_round`` forward passes (about ``target_round_ms``)
   and keeps their median. :func:`measure_many` visits every model in each round, starting one later each round,
   so a slow phase of the machine hits all of them alike.
-* **A reference workload in the same rounds (CPU).** A fixed model (:mod:`.reference`) is timed among each
-  model's runs, one reference run after every chunk of runs about as long as itself (:func:`run_paired_rounds`);
+* **A reference workload in the same rounds (CPU).** Two fixed models, a light and a weight-heavy one
+  (:mod:`.reference`), are timed among each model's runs: one run of each after every chunk of runs about as long
+  as the light one, the geometric mean of the two as the reference's value (:func:`run_paired_rounds`);
   the latency is the median of the per-round ratios model / reference (of their mean runs in the round, see
   :func:`summarize`), times the reference's *anchor* (its latency on this machine, measured once and cached).
   The machine's own drift, shared by both, divides out.
@@ -385,13 +386,15 @@ def run_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence[int], 
     return timings
 
 
-def run_paired_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence[int], reference: Callable[[], Any],
+def run_paired_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence[int],
+                      reference: Callable[[], Any] | Sequence[Callable[[], Any]],
                       *, rounds: int, max_extra_rounds: int, timer: Timer = cpu_timer,
                       done: Callable[[list[list[list[float]]], list[list[list[float]]]], bool],
                       chunks: Sequence[int] | None = None) -> tuple[list[list[list[float]]], list[list[list[float]]]]:
     """As :func:`run_rounds`, with the runs of each fn in chunks of ``chunks[fn]`` runs (default 1), each chunk
-    followed by one timed run of ``reference``; returns ``(timings, reference_timings)``, both
-    ``[fn][round][run]``: each fn's runs and the reference runs made among them.
+    followed by one timed run of ``reference`` (or of each of several references, one after another: the value is
+    the geometric mean of their times); returns ``(timings, reference_timings)``, both ``[fn][round][run]``: each
+    fn's runs and the reference values taken among them.
 
     Pairing this closely keeps the two within milliseconds of each other, so the machine's drift is shared:
     measured under load at 32x32, the per-round ratio's scatter was half that of a reference timed once per round
@@ -404,9 +407,14 @@ def run_paired_rounds(fns: Sequence[Callable[[], Any]], runs_per_round: Sequence
 
 def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, done, chunks=None):
     chunks = list(chunks) if chunks is not None else [1] * len(fns)
+    references = [reference] if callable(reference) else list(reference or ())
     timings: list[list[list[float]]] = [[] for _ in fns]
     paired: list[list[list[float]]] = [[] for _ in fns]
-    settle = 1 if len(fns) > 1 or reference is not None else 0
+    settle = 1 if len(fns) > 1 or references else 0
+
+    def reference_value() -> float:
+        times = [timer(r) for r in references]
+        return times[0] if len(times) == 1 else _geometric_mean(times)
 
     def one_round(index: int) -> None:
         for k in range(len(fns)):
@@ -414,14 +422,14 @@ def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, 
             for _ in range(settle):
                 fns[i]()
             with _gc_paused():
-                if reference is None:
+                if not references:
                     timings[i].append([timer(fns[i]) for _ in range(runs_per_round[i])])
                     continue
                 own, ref = [], []
                 while len(own) < runs_per_round[i]:
                     for _ in range(min(chunks[i], runs_per_round[i] - len(own))):
                         own.append(timer(fns[i]))
-                    ref.append(timer(reference))
+                    ref.append(reference_value())
                 timings[i].append(own)
                 paired[i].append(ref)
 
@@ -699,10 +707,12 @@ def measure_many(
     with contextlib.ExitStack() as stack:
         threads_used = stack.enter_context(num_threads(threads))
         ref = _resolve_reference(reference, dev, specs[0], threads_used, timer)
+        ref_modules = []
         if ref is not None:
             ref_spec = InputSpec(**ref.key["input"])
             # in the measurement's precision, as its anchor was measured
-            prepared.append(_on_device(ref.module(), dev, ref_spec.torch_dtype, False, owned=True))
+            ref_modules = [_on_device(m, dev, ref_spec.torch_dtype, False, owned=True) for m in ref.modules()]
+            prepared.extend(ref_modules)
         for model in prepared:
             stack.enter_context(_eval_mode(model))
         if dev.type == "cuda":
@@ -718,14 +728,15 @@ def measure_many(
             x = spec.example(dev, torch.float32 if autocast else None, channels_last)
             ready.append(rt.prepare(model, x, device=dev, threads=threads_used))
             fns.append(_cuda_graph(model, x) if cuda_graphs else ready[-1].run)
+        ref_fns = []
         if ref is not None:  # the reference's own input, as when its anchor was measured
             ref_x = ref_spec.example(dev)
-            fns.append(lambda model=prepared[-1], x=ref_x: model(x))
-        ref_fn = fns.pop() if ref is not None else None
+            ref_fns = [lambda model=model, x=ref_x: model(x) for model in ref_modules]
         ref_ms = None
-        if ref_fn is not None:
+        for j, ref_fn in enumerate(ref_fns):
             ref_warm = warm_until_steady(ref_fn, timer, min_runs=max(warmup, 1))
-            ref_ms = statistics.median(ref_warm[len(ref_warm) // 2:])
+            if j == 0:  # chunks as long as one run of the light reference, as bench/reference_mix.py times them
+                ref_ms = statistics.median(ref_warm[len(ref_warm) // 2:])
         per_round, chunks = [], []
         for fn in fns:
             warm = warm_until_steady(fn, timer, min_runs=max(warmup, 1))
@@ -752,7 +763,7 @@ def measure_many(
             return (min(len(rows) for rows, _ in kept) >= MIN_ROUNDS_FOR_INTERVAL
                     and all(x.precision <= tolerance for x in summaries_of(kept)))
 
-        timings, paired = _rounds(fns, per_round, ref_fn, rounds=rounds, max_extra_rounds=max_extra_rounds,
+        timings, paired = _rounds(fns, per_round, ref_fns, rounds=rounds, max_extra_rounds=max_extra_rounds,
                                   timer=timer, done=done, chunks=chunks or None)
         kept = calm(timings, paired)
         summaries = summaries_of(kept)
@@ -813,12 +824,12 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
     key = reference_key(dev, spec, threads, clock_name(timer))
     anchor = _reference.read_anchor(key, cache_dir)
     if anchor is None:
-        [result] = measure_many([_reference.reference_model(spec.channels)], spec, device=dev, threads=threads,
-                                rounds=anchor_rounds, max_extra_rounds=3 * anchor_rounds, target_round_ms=20.0,
-                                tolerance=anchor_tolerance, timer=timer, reference=False)
-        anchor = _reference.write_anchor(key, _reference.Anchor(result.value_ms, result.ci_low_ms,
-                                                                result.ci_high_ms, result.rounds, time.time()),
-                                         cache_dir)
+        results = measure_many(list(_reference.reference_models(spec.channels)), spec, device=dev, threads=threads,
+                               rounds=anchor_rounds, max_extra_rounds=3 * anchor_rounds, target_round_ms=20.0,
+                               tolerance=anchor_tolerance, timer=timer, reference=False)
+        anchor = _reference.write_anchor(key, _reference.Anchor(
+            *(_geometric_mean([getattr(r, name) for r in results]) for name in ("value_ms", "ci_low_ms", "ci_high_ms")),
+            min(r.rounds for r in results), time.time()), cache_dir)
     return _reference.Reference(key, anchor, spec.channels)
 
 
@@ -828,9 +839,14 @@ def reference_drift(reference: _reference.Reference, *, threads: int, timer: Tim
     (1.0 = as when the anchor was measured, 1.3 = 30% slower). A probe taken beside work that is not corrected by
     the reference (the latency table's parts), without running the reference among that work's rounds."""
     spec = InputSpec(**reference.key["input"])
-    [result] = measure_many([reference.module()], spec, device="cpu", threads=threads, warmup=3, rounds=rounds,
-                            target_round_ms=10.0, tolerance=1.0, max_extra_rounds=0, timer=timer, reference=False)
-    return result.value_ms / reference.anchor.ms
+    results = measure_many(list(reference.modules()), spec, device="cpu", threads=threads, warmup=3, rounds=rounds,
+                           target_round_ms=10.0, tolerance=1.0, max_extra_rounds=0, timer=timer, reference=False)
+    return _geometric_mean([r.value_ms for r in results]) / reference.anchor.ms
+
+
+def _geometric_mean(values: Sequence[float]) -> float:
+    """The reference's value from its workloads' (0 where a clock too coarse saw no time in one of them)."""
+    return 0.0 if min(values) <= 0 else math.prod(values) ** (1 / len(values))
 
 
 def _resolve_reference(reference: Any, dev: torch.device, spec: InputSpec, threads: int,

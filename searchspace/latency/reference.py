@@ -1,4 +1,4 @@
-"""The reference workload: a fixed model timed in the same rounds as every CPU measurement, to take out drift.
+"""The reference workload: two fixed models timed in the same rounds as every CPU measurement, to take out drift.
 
 Why: on a small shared CPU the speed of the machine itself moves, by far more than the differences a search has to
 see. Measured on a 2-core AMD EPYC VM with another process busy on the second core, the same four default-space
@@ -13,13 +13,18 @@ So a CPU latency is ``median over rounds of (model's mean run / reference's mean
 (CPU model, threads, torch version, input). Every whole-model figure on this machine is then in the same unit,
 whatever the machine was doing while it was taken. The anchor's own uncertainty is stated with it.
 
+The reference is a pair of small MetaFormers of the default space's kinds (separable conv, pooling, modulation,
+attention), so it leans on the machine the way the candidates do: a *light* one (:data:`REFERENCE_ARCH`, a few MB
+of weights) and a *heavy* one (:data:`HEAVY_REFERENCE_ARCH`, the same stages wider: tens of MB, more than any
+cache, as the larger candidates). Each reference run times both, and its value is the geometric mean of the two
+times (the anchor is the same mean of their latencies). Over minutes the machine's level moves, and the candidates
+move in between the two: corrected by the light one alone they moved against the machine, by the heavy one alone
+with it (``bench/reference_mix.py``; README.md gives the figures).
+
 What it does not correct: work that keeps its data in the core's caches. The latency table's parts are small,
 and when the machine slows on the memory side the reference slows and they do not; on the thread clock they are
 taken as measured, and the reference, timed alone after each batch of them, only tells whether the machine was
 busy (``PartProtocol``).
-
-The reference is a small MetaFormer of the default space's kinds (separable conv, pooling, modulation, attention)
-at the measured input size, so it leans on the machine the way the candidates do.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from ..arch import Arch, Stage
 from ..model import build_model
 from .cache import digest, latency_dir, locked
 
-ANCHOR_FORMAT = 1
+ANCHOR_FORMAT = 2  # 1: the light reference alone
 REFERENCE_ARCH = Arch(
     stages=(
         Stage(mixer="sepconv", depth=1, width=32, mlp_ratio=4.0),
@@ -48,21 +53,28 @@ REFERENCE_ARCH = Arch(
     ),
     name="reference",
 )
+HEAVY_REFERENCE_ARCH = Arch(
+    stages=tuple(Stage(mixer=s.mixer, depth=depth, width=width, mlp_ratio=s.mlp_ratio)
+                 for s, depth, width in zip(REFERENCE_ARCH.stages, (1, 1, 2, 2), (64, 128, 320, 512))),
+    name="heavy-reference",
+)
 
 
-def reference_model(in_chans: int) -> nn.Module:
-    """The reference workload for inputs of ``in_chans`` channels, with fixed weights (seeded, RNG state kept)."""
+def reference_models(in_chans: int) -> tuple[nn.Module, nn.Module]:
+    """The reference workload for inputs of ``in_chans`` channels: the light and the heavy model, with fixed
+    weights (seeded, RNG state kept)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return build_model(REFERENCE_ARCH, num_classes=10, in_chans=in_chans).eval()
+        return tuple(build_model(arch, num_classes=10, in_chans=in_chans).eval()
+                     for arch in (REFERENCE_ARCH, HEAVY_REFERENCE_ARCH))
 
 
 @dataclass(frozen=True)
 class Anchor:
     """The reference workload's latency on this machine, for one key (CPU, threads, torch, input)."""
 
-    ms: float  # median of the anchor measurement's round medians
-    ci_low_ms: float  # its interval (order statistics of the round medians)
+    ms: float  # geometric mean of the two workloads' latencies (each the median of its round medians)
+    ci_low_ms: float  # the same mean of their intervals' bounds (order statistics of the round medians)
     ci_high_ms: float
     rounds: int
     measured_at: float  # time.time() when measured
@@ -80,8 +92,8 @@ class Reference:
     anchor: Anchor
     in_chans: int
 
-    def module(self) -> nn.Module:
-        return reference_model(self.in_chans)
+    def modules(self) -> tuple[nn.Module, nn.Module]:
+        return reference_models(self.in_chans)
 
 
 def anchor_path(key: Mapping[str, Any], cache_dir: str | Path | None = None) -> Path:
@@ -108,8 +120,9 @@ def write_anchor(key: Mapping[str, Any], anchor: Anchor, cache_dir: str | Path |
         existing = read_anchor(key, cache_dir)
         if existing is not None:
             return existing
+        archs = [REFERENCE_ARCH.to_dict(), HEAVY_REFERENCE_ARCH.to_dict()]
         atomic_write_text(path, json.dumps({"format": ANCHOR_FORMAT, "key": dict(key), "anchor": asdict(anchor),
-                                            "arch": REFERENCE_ARCH.to_dict()}, indent=1) + "\n")
+                                            "archs": archs}, indent=1) + "\n")
     return anchor
 
 
