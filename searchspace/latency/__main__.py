@@ -34,11 +34,12 @@ context (device, threads, input, dtype, torch version), the parameter and MAC co
 table's prediction beside it.
 
 Units: latencies in milliseconds (ms) or microseconds (us). The measured value is the median over short
-interleaved rounds; on the CPU each round is divided by a fixed reference model timed in the same round and
-multiplied by that reference's anchor (its latency on this machine, measured once and cached), so the machine's
-own drift divides out. The +-% is the half-width of the value's 95% interval; rounds are added until it is
-within --tolerance, or the line says it could not get there. Params and MACs (multiply-accumulates, one forward
-pass at the given input) are counted by torch's FlopCounterMode.
+interleaved rounds; on the CPU each round is divided by a fixed reference workload timed in the same round (a
+light and a weight-heavy model, their geometric mean) and multiplied by that reference's anchor (its value on
+this machine, measured once and cached), so the machine's own drift divides out. The +-% is the half-width of
+the value's 95% interval; rounds are added until it is within --tolerance, or the line says it could not get
+there. Params and MACs (multiply-accumulates, one forward pass at the given input) are counted by torch's
+FlopCounterMode.
 
 To build and check a whole table first: python -m searchspace.latency build --help.
 
