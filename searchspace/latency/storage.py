@@ -25,7 +25,8 @@ from .predictor import IDENTITY, Calibration
 # 7: every batch is brought to the table's level by re-timed yardstick parts; the runtime is part of the key.
 # 8: blocks, downsampling layers and heads are timed on the memory format their input has in the model.
 # 9: runtimes that convert a traced model hold the random mixer's matrix and GPSA's offsets as constants.
-TABLE_FORMAT = 9
+# 10: whole models (the calibration's observations) are corrected by the two-model reference, in its anchor's unit.
+TABLE_FORMAT = 10
 MAX_OBSERVATIONS = 400  # whole-model measurements kept for the calibration (the newest)
 
 
