@@ -18,7 +18,6 @@ The last line is ``key=value`` figures: apart_lowest=.. apart_quartile=.. tau_lo
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import searchspace  # noqa: E402
 from bench.load import busy_core  # noqa: E402
+from bench.passes import agreement, paired_rounds_setup  # noqa: E402
 from searchspace.latency import InputSpec, device_name  # noqa: E402
 from searchspace.latency.measure import (  # noqa: E402
     num_threads,
@@ -37,10 +37,8 @@ from searchspace.latency.measure import (  # noqa: E402
     run_paired_rounds,
     steady_allocator,
     thread_cpu_timer,
-    warm_until_steady,
 )
-from searchspace.latency.predictor import kendall_tau  # noqa: E402
-from searchspace.latency.stats import calibrate_runs, calm_level, calm_rounds, chunk_size, summarize  # noqa: E402
+from searchspace.latency.stats import calm_level, calm_rounds, summarize  # noqa: E402
 from searchspace.latency.table import sample_archs  # noqa: E402
 from searchspace.model import build_model  # noqa: E402
 
@@ -87,14 +85,7 @@ def main(argv=None) -> int:
         ref_x = InputSpec(**reference.key["input"]).example(torch.device("cpu"))
         fns = [lambda m=m: m(x) for m in models]
         ref_fns = [lambda m=m: m(ref_x) for m in reference.modules()]
-        warm_until_steady(ref_fns[1], thread_cpu_timer, min_runs=5)
-        # chunks as long as one run of the light reference, as measure_many makes them
-        ref_ms = statistics.median(warm_until_steady(ref_fns[0], thread_cpu_timer, min_runs=5)[-5:])
-        runs, chunks = [], []
-        for fn in fns:
-            warm = warm_until_steady(fn, thread_cpu_timer, min_runs=5)
-            runs.append(calibrate_runs(warm, 20.0))
-            chunks.append(chunk_size(statistics.median(warm[len(warm) // 2:]), ref_ms))
+        runs, chunks = paired_rounds_setup(fns, ref_fns, thread_cpu_timer)
         for n in range(args.passes):
             own, refs = run_paired_rounds(fns, runs, ref_fns, rounds=args.rounds, max_extra_rounds=0,
                                           timer=thread_cpu_timer, done=lambda t, r: True, chunks=chunks)
@@ -105,9 +96,7 @@ def main(argv=None) -> int:
             print(f"pass {n + 1} of {args.passes} done", flush=True)
     out = {}
     for rule in RULES:
-        pairs = list(itertools.combinations(figures[rule], 2))
-        apart = statistics.fmean(statistics.fmean(abs(a - b) / ((a + b) / 2) for a, b in zip(x, y)) for x, y in pairs)
-        tau = statistics.fmean(kendall_tau(x, y) for x, y in pairs)
+        apart, tau = agreement(figures[rule])
         out[f"apart_{rule}"], out[f"tau_{rule}"] = apart, tau
         out[f"kept_{rule}"] = statistics.fmean(kept[rule]) / args.rounds
         print(f"calm level = {rule:8s}: passes {apart:.2%} apart on average (Kendall tau {tau:.3f}), rounds kept "

@@ -27,7 +27,6 @@ The last line is ``key=value`` figures: apart_light=.. apart_mix=.. tau_light=..
 from __future__ import annotations
 
 import argparse
-import itertools
 import math
 import statistics
 import sys
@@ -40,17 +39,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import searchspace  # noqa: E402
 from bench.load import busy_core  # noqa: E402
+from bench.passes import agreement, paired_rounds_setup  # noqa: E402
 from searchspace.latency import InputSpec, device_name  # noqa: E402
 from searchspace.latency.measure import (  # noqa: E402
     num_threads,
     run_paired_rounds,
     steady_allocator,
     thread_cpu_timer,
-    warm_until_steady,
 )
-from searchspace.latency.predictor import kendall_tau  # noqa: E402
 from searchspace.latency.reference import reference_models  # noqa: E402
-from searchspace.latency.stats import calibrate_runs, calm_rounds, chunk_size, summarize  # noqa: E402
+from searchspace.latency.stats import calm_rounds, reference_value, summarize  # noqa: E402
 from searchspace.latency.table import sample_archs  # noqa: E402
 from searchspace.model import build_model  # noqa: E402
 
@@ -67,7 +65,7 @@ def per_chunk(light: list[float], heavy: list[float], light2: list[float], way: 
         return [(a + b) / 2 for a, b in zip(light, light2)]
     if way == "heavy":
         return heavy
-    return [math.sqrt(a * b) for a, b in zip(light, heavy)]
+    return [reference_value([a, b]) for a, b in zip(light, heavy)]  # as measurements take it
 
 
 def main(argv=None) -> int:
@@ -108,13 +106,7 @@ def main(argv=None) -> int:
             heavy = timer(lambda: heavy_model(x))
             records[current[0]].append((light, heavy, timer(lambda: light_model(x))))
 
-        light_ms = statistics.median(warm_until_steady(lambda: light_model(x), timer, min_runs=5)[-5:])
-        warm_until_steady(lambda: heavy_model(x), timer, min_runs=5)
-        runs, chunks = [], []
-        for fn in fns:
-            warm = warm_until_steady(fn, timer, min_runs=5)
-            runs.append(calibrate_runs(warm, 20.0))
-            chunks.append(chunk_size(statistics.median(warm[len(warm) // 2:]), light_ms))
+        runs, chunks = paired_rounds_setup(fns, [lambda: light_model(x), lambda: heavy_model(x)], timer)
         figures: dict[str, list[list[float]]] = {way: [] for way in WAYS}
         for n in range(args.passes):
             for r in records:
@@ -136,9 +128,7 @@ def main(argv=None) -> int:
     out = {}
     for way in WAYS:
         passes = figures[way]
-        pairs = list(itertools.combinations(passes, 2))
-        apart = statistics.fmean(statistics.fmean(abs(a - b) / ((a + b) / 2) for a, b in zip(x, y)) for x, y in pairs)
-        tau = statistics.fmean(kendall_tau(x, y) for x, y in pairs)
+        apart, tau = agreement(passes)
         means = [statistics.fmean(math.log(v[i]) for v in passes) for i in range(len(archs))]
         shifts = [statistics.fmean(math.log(v[i]) - means[i] for i in range(len(archs))) for v in passes]
         out[f"apart_{way}"], out[f"tau_{way}"], out[f"shift_{way}"] = apart, tau, max(shifts) - min(shifts)

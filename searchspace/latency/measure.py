@@ -64,6 +64,7 @@ from .stats import (  # the pure statistics of the rounds
     calibrate_runs,
     calm_rounds,
     chunk_size,
+    reference_value,
     summarize,
 )
 
@@ -412,9 +413,6 @@ def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, 
     paired: list[list[list[float]]] = [[] for _ in fns]
     settle = 1 if len(fns) > 1 or references else 0
 
-    def reference_value() -> float:
-        times = [timer(r) for r in references]
-        return times[0] if len(times) == 1 else _geometric_mean(times)
 
     def one_round(index: int) -> None:
         for k in range(len(fns)):
@@ -429,7 +427,7 @@ def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, 
                 while len(own) < runs_per_round[i]:
                     for _ in range(min(chunks[i], runs_per_round[i] - len(own))):
                         own.append(timer(fns[i]))
-                    ref.append(reference_value())
+                    ref.append(reference_value([timer(r) for r in references]))
                 timings[i].append(own)
                 paired[i].append(ref)
 
@@ -828,7 +826,7 @@ def reference_for(device: torch.device | str, spec: InputSpec, threads: int, *, 
                                rounds=anchor_rounds, max_extra_rounds=3 * anchor_rounds, target_round_ms=20.0,
                                tolerance=anchor_tolerance, timer=timer, reference=False)
         anchor = _reference.write_anchor(key, _reference.Anchor(
-            *(_geometric_mean([getattr(r, name) for r in results]) for name in ("value_ms", "ci_low_ms", "ci_high_ms")),
+            *(reference_value([getattr(r, name) for r in results]) for name in ("value_ms", "ci_low_ms", "ci_high_ms")),
             min(r.rounds for r in results), time.time()), cache_dir)
     return _reference.Reference(key, anchor, spec.channels)
 
@@ -841,12 +839,8 @@ def reference_drift(reference: _reference.Reference, *, threads: int, timer: Tim
     spec = InputSpec(**reference.key["input"])
     results = measure_many(list(reference.modules()), spec, device="cpu", threads=threads, warmup=3, rounds=rounds,
                            target_round_ms=10.0, tolerance=1.0, max_extra_rounds=0, timer=timer, reference=False)
-    return _geometric_mean([r.value_ms for r in results]) / reference.anchor.ms
+    return reference_value([r.value_ms for r in results]) / reference.anchor.ms
 
-
-def _geometric_mean(values: Sequence[float]) -> float:
-    """The reference's value from its workloads' (0 where a clock too coarse saw no time in one of them)."""
-    return 0.0 if min(values) <= 0 else math.prod(values) ** (1 / len(values))
 
 
 def _resolve_reference(reference: Any, dev: torch.device, spec: InputSpec, threads: int,

@@ -161,6 +161,16 @@ def chunk_size(fn_ms: float, reference_ms: float) -> int:
     return max(1, min(MAX_RUNS_PER_ROUND, round(reference_ms / fn_ms))) if fn_ms > 0 else MAX_RUNS_PER_ROUND
 
 
+def reference_value(times: Sequence[float]) -> float:
+    """The reference workload's value from its models' times (one each): their geometric mean, 0 where a clock too
+    coarse saw no time in one of them (:mod:`.reference` says why two models).
+
+    >>> reference_value([1.0, 4.0]), reference_value([2.5]), reference_value([0.0, 3.0])
+    (2.0, 2.5, 0.0)
+    """
+    return 0.0 if min(times) <= 0 else math.prod(times) ** (1 / len(times))
+
+
 BUSY_MARGIN = 0.25  # a round whose reference ran this much slower than on the calm machine was a busy machine
 
 
