@@ -1001,3 +1001,35 @@ def test_the_thread_clock_check_tells_other_threads_from_a_busy_machine():
     with pytest.raises(MeasurementError, match="threads of its own"):
         check_thread_clock(elsewhere, "demo")
     check_thread_clock(here_but_waiting, "demo")  # 10% of the wall time, all of the process's CPU time
+
+
+def test_the_thread_clock_check_is_not_fooled_by_another_thread_waking_once():
+    import threading
+
+    from searchspace.latency.measure import MeasurementError, check_thread_clock
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    calls = []
+
+    def tiny_part_beside_a_waking_thread() -> None:  # microseconds here; once, another thread computes meanwhile
+        calls.append(1)
+        if len(calls) == 1:
+            other = threading.Thread(target=spin, args=(0.02,))
+            other.start()
+            other.join()
+        spin(0.0001)
+
+    check_thread_clock(tiny_part_beside_a_waking_thread, "eager")  # the first span looks elsewhere, the next do not
+    assert len(calls) == 6  # it looked again, and stopped at the first span that ran on its own thread
+
+    def always_elsewhere() -> None:
+        other = threading.Thread(target=spin, args=(0.005,))
+        other.start()
+        other.join()
+
+    with pytest.raises(MeasurementError, match="threads of its own"):
+        check_thread_clock(always_elsewhere, "demo")
