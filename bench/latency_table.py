@@ -43,7 +43,6 @@ from searchspace.latency import InputSpec, device_name, format_ms, measure_many 
 from searchspace.latency.measure import thread_cpu_timer  # noqa: E402
 from searchspace.latency.predictor import FORMS, TIE, accuracy, fit_calibration, min_models  # noqa: E402
 from searchspace.latency.table import CALIBRATION_MODELS, LatencyTable, sample_archs  # noqa: E402
-from searchspace.model import build_model  # noqa: E402
 
 TARGET_MAPE, TARGET_WITHIN10, TARGET_TAU, TARGET_NOISE = 0.04, 0.95, 0.95, 0.02
 SPLITS = 100
@@ -93,10 +92,7 @@ def run_size(size: int, args) -> dict[str, float]:
     pred = [table.predict(a).total_ms for a in archs]
     raw = [table.predict(a, calibrated=False).total_ms for a in archs]
     start = time.perf_counter()
-    # built as the table builds them (its classes and channels): measure_many would build an Arch with 1000
-    # classes, whose wider head is not what the table predicts
-    build = lambda archs: [build_model(a, num_classes=table.num_classes, in_chans=spec.channels)  # noqa: E731
-                           for a in archs]
+    build = lambda archs: [table.model(a) for a in archs]  # noqa: E731 - as the table predicts them
     first = measure_many(build(archs), spec, threads=1, timer=thread_cpu_timer, reference=table.reference())
     measure_s = time.perf_counter() - start
     measured = [r.value_ms for r in first]

@@ -56,7 +56,7 @@ def table_check(runtime: str, spec: InputSpec, archs, seed: int):
     table.ensure_calibrated(searchspace.get_space("default"), seed=seed)
     table.ensure(archs)  # their missing parts in full batches, not a few at a time beside the yardsticks
     predicted = [table.predict(a).total_ms for a in archs]
-    models = [searchspace.build_model(a, num_classes=table.num_classes, in_chans=spec.channels) for a in archs]
+    models = [table.model(a) for a in archs]  # as the table predicts them
     measured = [r.value_ms for r in measure_many(models, spec, threads=1, runtime=runtime,
                                                   timer=clock_for("cpu", 1, runtime=runtime),
                                                   reference=table.reference())]

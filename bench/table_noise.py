@@ -34,7 +34,6 @@ from searchspace.latency import InputSpec, device_name, measure_many  # noqa: E4
 from searchspace.latency.measure import thread_cpu_timer  # noqa: E402
 from searchspace.latency.predictor import kendall_tau  # noqa: E402
 from searchspace.latency.table import CALIBRATION_MODELS, LatencyTable, level_scale, sample_archs  # noqa: E402
-from searchspace.model import build_model  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
         tables.append(table)
         print(f"table {k}: {len(table)} parts in {time.perf_counter() - start:.0f} s")
     start = time.perf_counter()
-    models = [build_model(a, num_classes=tables[0].num_classes, in_chans=spec.channels) for a in archs]
+    models = [tables[0].model(a) for a in archs]  # as the tables predict them
     measured = [r.value_ms for r in measure_many(models, spec, threads=1, timer=thread_cpu_timer,
                                                  reference=tables[0].reference())]
     print(f"whole models measured in {time.perf_counter() - start:.0f} s")

@@ -1366,3 +1366,14 @@ def test_build_bad_input_is_one_line_and_status_2(extra, says, tmp_path, mini_sp
     assert "Traceback" not in captured.err and not captured.out
     assert fake_clock == {"parts": 0, "models": 0}
     assert not list(tmp_path.glob("latency/*.json"))  # nothing measured, nothing left behind
+
+
+def test_the_table_builds_a_model_with_its_own_classes_and_channels(tmp_path):
+    from searchspace.latency import InputSpec
+    from searchspace.latency.table import LatencyTable
+
+    table = LatencyTable.open("cpu", InputSpec(channels=1, height=32, width=32), threads=1, cache_dir=tmp_path,
+                              num_classes=10)
+    model = table.model(searchspace.preset("PoolFormerV2-S12")).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 32, 32)).shape == (1, 10)  # not measure_many's 1000-class build of an Arch

@@ -420,7 +420,6 @@ def _rounds(fns, runs_per_round, reference, *, rounds, max_extra_rounds, timer, 
     paired: list[list[list[float]]] = [[] for _ in fns]
     settle = 1 if len(fns) > 1 or references else 0
 
-
     def one_round(index: int) -> None:
         for k in range(len(fns)):
             i = (index + k) % len(fns)
@@ -847,7 +846,6 @@ def reference_drift(reference: _reference.Reference, *, threads: int, timer: Tim
     results = measure_many(list(reference.modules()), spec, device="cpu", threads=threads, warmup=3, rounds=rounds,
                            target_round_ms=10.0, tolerance=1.0, max_extra_rounds=0, timer=timer, reference=False)
     return reference_value([r.value_ms for r in results]) / reference.anchor.ms
-
 
 
 def _resolve_reference(reference: Any, dev: torch.device, spec: InputSpec, threads: int,

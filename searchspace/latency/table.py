@@ -484,13 +484,16 @@ class LatencyTable:
         self._drifts.append(drift)
         return [r.value_ms for r in results]
 
+    def model(self, arch: Arch) -> nn.Module:
+        """``arch`` built as the table predicts it: this table's classes and input channels (a whole model measured
+        to calibrate or check the table must be this one, not ``measure_many``'s 1000-class build of an Arch)."""
+        return build_model(arch, num_classes=self.num_classes, in_chans=self.key.channels)
+
     def _measure_whole(self, archs: Sequence[Arch]) -> list[float]:
         """Whole models, interleaved, with the protocol the search measures candidates with."""
         timer = self.protocol.timer(resolve_device(self.device), self.key.threads, self.key.runtime)
-        # built as the parts describe them: this table's classes and input channels
-        models = [build_model(a, num_classes=self.num_classes, in_chans=self.key.channels) for a in archs]
-        results = measure_many(models, self.key.input_spec, device=self.device, threads=self.key.threads,
-                               runtime=self.key.runtime, **self.run_options.kwargs(),
+        results = measure_many([self.model(a) for a in archs], self.key.input_spec, device=self.device,
+                               threads=self.key.threads, runtime=self.key.runtime, **self.run_options.kwargs(),
                                timer=timer, reference=self.reference() or False)
         return [r.value_ms for r in results]
 
